@@ -1,0 +1,5 @@
+import sys
+
+from guardx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""Datasets and loaders behind one interface.
+
+``build_loader(data_cfg, split, rank, world_size, batch_size=..., seed=...)`` returns an iterable of
+``(images, labels)`` with images float in [0, 1], shape (B, 3, R, R) and labels long, plus:
+
+* ``set_epoch(epoch, start=0)``: reseed the order; ``start`` = global samples already consumed,
+* ``len(loader)``: batches this rank yields in an epoch, ``num_samples``: samples it sees,
+* ``classes`` / ``num_classes`` and ``skipped`` (files that failed to decode so far).
+
+Backends: ``digits`` (embedded, in memory), ``folder`` (torchvision-style ImageFolder, PIL decode),
+``ffcv`` and ``dali`` (see their modules). Train splits get random-resized-crop + flip; eval splits
+resize + center-crop. Normalisation is not done here: it sits inside the model wrapper.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from guardx.data.digits import DIGITS_CLASSES, digits_tensors
+from guardx.data.folder import ImageFolderDataset, TensorDataset, collate_skip, scan_image_folder
+from guardx.data.sampler import ShardedSampler
+from guardx.data.transforms import resized_crop, sample_rrc
+from guardx.errors import ConfigError
+
+__all__ = ["build_loader", "build_dataset", "TorchLoader", "ShardedSampler", "scan_image_folder"]
+
+
+def _split_dir(cfg, split: str) -> str:
+    path = cfg.train_dir if split == "train" else cfg.val_dir
+    if not path:
+        key = "train_dir" if split == "train" else "val_dir"
+        raise ConfigError(f"data.{key} is empty: set it to an ImageFolder root (data.{key}=/path/to/{split})")
+    return path
+
+
+class _TensorTrainAug:
+    """RRC + flip on a float (3, H, W) tensor, for in-memory datasets (digits, distilled sets)."""
+
+    def __init__(self, size: int, scale, flip: bool):
+        self.size, self.scale, self.flip = size, scale, flip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        top, left, h, w = sample_rrc(x.shape[-2], x.shape[-1], self.scale)
+        x = resized_crop(x, top, left, h, w, self.size)
+        return x.flip(-1) if self.flip and torch.rand(()) < 0.5 else x
+
+
+class _TensorResize:
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.shape[-1] == self.size else resized_crop(x, 0, 0, x.shape[-2], x.shape[-1], self.size)
+
+
+def _pil_transform(cfg, train: bool):
+    from torchvision import transforms as T
+
+    if train:
+        ops = [T.RandomResizedCrop(cfg.resolution, scale=tuple(cfg.rrc_scale), antialias=True)]
+        if cfg.flip:
+            ops.append(T.RandomHorizontalFlip())
+    else:
+        ops = [T.Resize(int(round(cfg.resolution / cfg.val_crop_ratio))), T.CenterCrop(cfg.resolution)]
+    return T.Compose(ops + [T.ToTensor()])
+
+
+def build_dataset(cfg, split: str, augment: bool | None = None):
+    """The map-style dataset of ``split`` for the digits/folder backends (items: float image, label)."""
+    augment = (split == "train") if augment is None else augment
+    if cfg.dataset == "digits":
+        images, labels = digits_tensors(split)
+        tf = _TensorTrainAug(cfg.resolution, cfg.rrc_scale, cfg.flip) if augment else _TensorResize(cfg.resolution)
+        return TensorDataset(images, labels, DIGITS_CLASSES, tf)
+    return ImageFolderDataset(_split_dir(cfg, split), _pil_transform(cfg, augment))
+
+
+class TorchLoader:
+    """digits/folder backend: a map-style dataset + :class:`ShardedSampler` + ``DataLoader``.
+
+    ``train``: shuffled and padded so all ranks take the same number of steps; otherwise disjoint,
+    in-order shards that cover the (first ``limit``) samples exactly once. A dataset with a
+    ``set_epoch`` method is told the epoch too (its workers are then rebuilt each epoch).
+    """
+
+    def __init__(self, dataset, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 train: bool = True, shuffle: bool | None = None, workers: int = 0, pin_memory: bool = False,
+                 limit: int = 0):
+        self.dataset = dataset
+        self.classes = list(dataset.classes)
+        self.num_classes = len(self.classes)
+        self.batch_size = batch_size
+        n = min(len(dataset), limit) if limit else len(dataset)
+        self.sampler = ShardedSampler(n, rank=rank, world_size=world_size, seed=seed,
+                                      shuffle=train if shuffle is None else shuffle, pad=train)
+        per_epoch_state = hasattr(dataset, "set_epoch")
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+            collate_fn=collate_skip, pin_memory=pin_memory,
+            persistent_workers=workers > 0 and not per_epoch_state, drop_last=False)
+        self.skipped: set[str] = set()
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sampler)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        for x, y, bad in self.loader:
+            for path in bad:
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({len(self.skipped)} skipped so far)",
+                                  stacklevel=2)
+            if len(y):
+                yield x, y
+
+
+def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1, *, batch_size: int, seed: int = 0,
+                 augment: bool | None = None, device: torch.device | None = None, max_samples: int = 0):
+    """One builder for every backend (see the module docstring). ``batch_size`` is per rank;
+    ``max_samples`` limits an eval split to its first N samples (the same N whatever the world size)."""
+    train = split == "train"
+    augment = train if augment is None else augment
+    if cfg.dataset == "digits" or cfg.backend == "folder":
+        workers = 0 if cfg.dataset == "digits" else cfg.workers  # digits live in memory: workers only add IPC
+        pin = device is not None and device.type == "cuda"
+        return TorchLoader(build_dataset(cfg, split, augment), batch_size=batch_size, rank=rank,
+                           world_size=world_size, seed=seed, train=train, workers=workers, pin_memory=pin,
+                           limit=0 if train else max_samples)
+    if cfg.backend == "ffcv":
+        from guardx.data.ffcv import build_ffcv_loader
+
+        return build_ffcv_loader(cfg, split, rank, world_size, batch_size=batch_size, seed=seed,
+                                 augment=augment, device=device, max_samples=max_samples)
+    if cfg.backend == "dali":
+        from guardx.data.dali import build_dali_loader
+
+        return build_dali_loader(cfg, split, rank, world_size, batch_size=batch_size, seed=seed,
+                                 augment=augment, device=device, max_samples=max_samples)
+    raise ConfigError(f"data.backend={cfg.backend!r} is not one of folder, ffcv, dali")

@@ -1,0 +1,86 @@
+"""Map-style datasets for the torch loader: ImageFolder trees (PIL decode) and in-memory tensors.
+
+A file that fails to decode is not fatal: the dataset returns ``(None, path)``, the collate function
+drops it, and the loader counts it and warns once per file with its path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from guardx.errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """``[(path, label)]`` and the sorted class names of an ImageFolder tree, with one-line errors."""
+    root = Path(root)
+    if not str(root) or not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    found = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    if not found:
+        raise DataError(f"no class sub-folders in {root} (expected ImageFolder layout root/<class>/<image>)")
+    classes = classes or found
+    missing = sorted(set(classes) - set(found))
+    if missing:
+        raise DataError(f"{root} lacks class folders {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(e.path for e in os.scandir(root / name)
+                       if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        if not files:
+            raise DataError(f"class folder has no images: {root / name}")
+        samples += [(f, label) for f in files]
+    return samples, classes
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    def __init__(self, root: str | Path, transform: Callable, classes: list[str] | None = None):
+        self.root = Path(root)
+        self.samples, self.classes = scan_image_folder(root, classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+            return self.transform(img), label
+        except _DECODE_ERRORS:
+            return None, path
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """Images held in memory as uint8 (N, 3, H, W); ``transform`` maps a float (3, H, W) image in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], transform: Callable | None = None):
+        self.images, self.labels, self.classes, self.transform = images, labels, classes, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i].float().div_(255)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i])
+
+
+def collate_skip(batch):
+    """Stack good samples; return the paths of the ones that failed to decode as a third element."""
+    good = [(x, y) for x, y in batch if x is not None]
+    bad = [y for x, y in batch if x is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    xs, ys = zip(*good)
+    targets = torch.stack(ys) if isinstance(ys[0], torch.Tensor) else torch.tensor(ys, dtype=torch.long)
+    return torch.stack(xs), targets, bad

@@ -1,0 +1,140 @@
+"""The one training loop squeeze (teacher on real data) and train (student on distilled data) share.
+
+Resumable at any step: a checkpoint records the engine state (model, optimiser, scheduler), the epoch,
+the *global* samples consumed in that epoch and the step count. The data order is a function of
+(seed, epoch) and the per-rank RNG is reseeded from (seed, epoch, position, rank), so a resumed run —
+on the same or a different number of ranks — continues with the same global order.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from guardx.utils.checkpoint import Checkpointer
+from guardx.utils.misc import check_finite, progress
+
+
+@dataclass
+class FitResult:
+    steps: int = 0
+    epochs_done: int = 0
+    seconds: float = 0.0
+    samples: int = 0
+    history: list = field(default_factory=list)  # per-epoch mean stats
+
+
+def rank_seed(seed: int, epoch: int, position: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + position * 101 + rank) % (2**63 - 1)
+
+
+def fit(*, engine, loader, epochs: int, ckpt: Checkpointer, ctx, stage: str, seed: int, device,
+        show_progress: bool = True, max_steps: int = 0, ckpt_every_steps: int = 0,
+        extra_state: dict | None = None) -> FitResult:
+    state = ckpt.load()
+    epoch, consumed, step = 0, 0, 0
+    history: list = []
+    if state is not None:
+        engine.load_state_dict(state["engine"])
+        epoch, consumed, step = state["epoch"], state["consumed"], state["step"]
+        history = list(state.get("history", []))
+    result = FitResult(steps=step, epochs_done=epoch, history=history)
+    if max_steps and step >= max_steps or epoch >= epochs:
+        return result
+
+    def snapshot(ep: int, cons: int) -> None:
+        ckpt.save({"engine": engine.state_dict(), "epoch": ep, "consumed": cons, "step": step,
+                   "history": history, "world_size": ctx.world_size, **(extra_state or {})}, step)
+
+    engine.train()
+    t0 = time.perf_counter()
+    while epoch < epochs:
+        loader.set_epoch(epoch, start=consumed)
+        sums: dict[str, float] = {}
+        n_batches = 0
+        bar = progress(total=len(loader), enabled=show_progress and ctx.is_main,
+                       desc=f"{stage} {epoch + 1}/{epochs}", unit="batch")
+        batches = iter(loader)
+        while True:
+            # randomness (augmentation in an in-process loader, attack starts) is a function of the
+            # position in the data, so a resumed run draws what the uninterrupted run would have
+            torch.manual_seed(rank_seed(seed, epoch, consumed, ctx.rank))
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            loss, stats = engine(x, y)
+            # stats are host floats already (one sync per step, inside the objective)
+            check_finite(stats["loss"] if "loss" in stats else stats["ce"], stage=stage, step=step,
+                         last_good=_name(ckpt.last_saved))
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            consumed += x.shape[0] * ctx.world_size
+            result.samples += x.shape[0] * ctx.world_size
+            n_batches += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(1)
+            if n_batches % 10 == 0 or n_batches == 1:
+                rate = result.samples / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix({**{k: f"{v / n_batches:.4g}" for k, v in sums.items()}, "img/s": f"{rate:.0f}"})
+            if max_steps and step >= max_steps:
+                break
+            if ckpt_every_steps and step % ckpt_every_steps == 0:
+                snapshot(epoch, consumed)
+        bar.close()
+        epoch_done = not (max_steps and step >= max_steps) or consumed >= loader_global_size(loader)
+        if epoch_done:
+            history.append({"epoch": epoch + 1, **{k: v / max(n_batches, 1) for k, v in sums.items()}})
+            epoch, consumed = epoch + 1, 0
+        snapshot(epoch, consumed)
+        if max_steps and step >= max_steps:
+            break
+    result.steps, result.epochs_done, result.history = step, epoch, history
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def loader_global_size(loader) -> int:
+    sampler = getattr(loader, "sampler", None)
+    return getattr(sampler, "global_size", math.inf)
+
+
+def _name(path) -> str | None:
+    return None if path is None else str(path)
+
+
+@torch.no_grad()
+def recalibrate_bn(model, loader, *, batches: int, ctx, device, seed: int) -> int:
+    """Precise BN: re-estimate BatchNorm running statistics as a plain average over ``batches`` training
+    batches with the final weights (removes the lag of the exponential averages; recover matches these
+    statistics, so their accuracy matters). Ranks average their estimates. Returns batches used."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or batches <= 0:
+        return 0
+    saved = [(m, m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = plain mean over the batches seen
+    was_training = model.training
+    model.train()
+    loader.set_epoch(10**6)  # an order of its own, independent of the training epochs
+    used = 0
+    for x, _ in loader:
+        model(x.to(device, non_blocking=True))
+        used += 1
+        if used >= batches:
+            break
+    for m, momentum, training in saved:
+        m.momentum = momentum
+        if ctx.world_size > 1:
+            for buf in (m.running_mean, m.running_var):
+                ctx.all_reduce_sum(buf)
+                buf.div_(ctx.world_size)
+    model.train(was_training)
+    return used

@@ -1,0 +1,89 @@
+"""Pieces every objective shares: BatchNorm handling, per-sample directions, gradient injection."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Dropout)
+
+
+@contextmanager
+def running_stats_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the regulariser's passes: BatchNorm uses (and does not update) running statistics.
+
+    The official code's choice (``net.eval()`` inside the regulariser). Restores each module's flag.
+    The passes see private copies of the running statistics: a later train-mode forward in the same
+    step updates the buffers in place, which would otherwise silently change what these passes'
+    backward reads (autograd saved the very same tensors).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    swapped = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            swapped.append((m, m.running_mean, m.running_var))
+            m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+        for m, mean, var in swapped:
+            m.running_mean, m.running_var = mean, var
+
+
+def mode_independent(model: nn.Module) -> bool:
+    """True when train and eval mode compute the same function here, so one clean pass can serve both
+    the cross-entropy term and the regulariser (saves a forward and a backward per step)."""
+    if not model.training:
+        return True
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            return False
+        if isinstance(m, (nn.modules.dropout._DropoutNd, nn.Dropout)) and m.p > 0:
+            return False
+    return True
+
+
+def per_sample_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def unit_direction(g: torch.Tensor) -> torch.Tensor:
+    """z_i = g_i / ||g_i||_2 per sample, detached; a zero gradient gives z_i = 0 (not NaN)."""
+    g = g.detach()
+    norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))
+    return torch.where(norm > 0, g / norm.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(g))
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def param_grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """∂loss/∂params without touching ``.grad`` (so no DDP/ZeRO reduce hook fires); frees the graph."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def inject(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A zero-valued scalar whose gradient w.r.t. each ``p`` is the precomputed ``g``.
+
+    Lets an objective finish its expensive passes early (freeing their activations: peak memory stays
+    near one forward) and still hand the engine a single differentiable loss, so DDP and DeepSpeed
+    reduce the whole gradient in their normal backward.
+    """
+    total = sum((p * g).sum() for p, g in zip(params, grads))
+    return total - total.detach()
+
+
+def stats_dict(**values: torch.Tensor | float) -> dict[str, float]:
+    """Detach and convert in one host sync (one ``.tolist()``, not one ``.item()`` per entry)."""
+    device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().float().reshape(())
+                           for v in values.values()])
+    return dict(zip(values, stacked.tolist()))

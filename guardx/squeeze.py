@@ -1,0 +1,89 @@
+"""Squeeze: train the teacher on real data with a chosen objective (plain | guard | adv | gradnorm).
+
+    guardx squeeze --config configs/demo.yaml objective.name=guard objective.mode=exact
+    torchrun --nproc-per-node 8 -m guardx squeeze --config configs/imagenet1k.yaml distributed.backend=ddp
+
+Writes ``<run>/squeeze/``: ``ckpt/step_*.pt`` (every epoch; resumable), ``teacher.pt`` (final weights +
+metadata), ``metrics.json``. Rerunning resumes from the newest checkpoint; a finished stage is skipped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from guardx.config import Config, dump_config
+from guardx.data import build_loader
+from guardx.distributed import build_engine, init_distributed
+from guardx.errors import ConfigError
+from guardx.loop import fit, recalibrate_bn
+from guardx.models import create_model
+from guardx.models._io import model_meta, save_model
+from guardx.objectives import ObjectiveStep, build_objective
+from guardx.utils.checkpoint import Checkpointer
+from guardx.utils.io import write_json, write_text
+from guardx.utils.misc import cosine_lr, seed_everything
+
+
+def stage_dir(cfg: Config) -> Path:
+    return Path(cfg.run.out_dir) / "squeeze"
+
+
+def teacher_path(cfg: Config) -> Path:
+    return stage_dir(cfg) / "teacher.pt"
+
+
+def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
+    if global_batch % world_size:
+        raise ConfigError(f"{key}={global_batch} is not divisible by the world size {world_size}")
+    return global_batch // world_size
+
+
+def run(cfg: Config) -> Path:
+    out = stage_dir(cfg)
+    if teacher_path(cfg).is_file():
+        return teacher_path(cfg)
+    # 1. distributed context, then a seed shared by all ranks (same initial weights everywhere)
+    ctx = init_distributed(cfg)
+    seed_everything(cfg.run.seed)
+    # 2. data: each rank its own shard of the global batch
+    loader = build_loader(cfg.data, "train", ctx.rank, ctx.world_size,
+                          batch_size=per_rank_batch(cfg.squeeze.batch_size, ctx.world_size, "squeeze.batch_size"),
+                          seed=cfg.run.seed, device=ctx.device)
+    num_classes = cfg.data.num_classes or loader.num_classes
+    # 3. model from the registry, on its device before the optimiser is built
+    model = create_model(cfg.model.name, num_classes=num_classes, width=cfg.model.width,
+                         resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std).to(ctx.device)
+    objective = build_objective(cfg.objective.name, **cfg.objective.params())
+    total_steps = cfg.squeeze.epochs * len(loader)
+    if cfg.squeeze.max_steps:
+        total_steps = min(total_steps, cfg.squeeze.max_steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.squeeze.lr, momentum=cfg.squeeze.momentum,
+                                weight_decay=cfg.squeeze.weight_decay)
+    schedule = (lambda s: cosine_lr(s, total_steps)) if cfg.squeeze.schedule == "cosine" else (lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # 4. engine wraps model+objective (the objective's extra passes run inside the wrapped forward)
+    engine = build_engine(ObjectiveStep(model, objective), optimizer=optimizer, scheduler=scheduler, cfg=cfg,
+                          ctx=ctx, grad_clip=cfg.squeeze.grad_clip)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(dump_config(cfg), out / "config.yaml")
+    ckpt = Checkpointer(out / "ckpt", keep=cfg.squeeze.keep_checkpoints, ctx=ctx)
+    result = fit(engine=engine, loader=loader, epochs=cfg.squeeze.epochs, ckpt=ckpt, ctx=ctx, stage="squeeze",
+                 seed=cfg.run.seed, device=ctx.device, show_progress=cfg.run.progress,
+                 max_steps=cfg.squeeze.max_steps, ckpt_every_steps=cfg.squeeze.ckpt_every_steps)
+    recalibrated = recalibrate_bn(engine.model, loader, batches=cfg.squeeze.bn_recalibrate_batches, ctx=ctx,
+                                  device=ctx.device, seed=cfg.run.seed)
+    meta = model_meta(cfg, name=cfg.model.name, width=cfg.model.width, num_classes=num_classes,
+                      classes=loader.classes)
+    meta["objective"] = {"name": cfg.objective.name, **cfg.objective.params()}
+    if ctx.is_main:
+        write_json({"objective": repr(objective), "steps": result.steps, "epochs": result.epochs_done,
+                    "seconds_this_run": result.seconds, "samples_this_run": result.samples,
+                    "img_per_s": result.samples / result.seconds if result.seconds else None,
+                    "bn_recalibrated_batches": recalibrated,
+                    "skipped_files": sorted(getattr(loader, "skipped", [])), "history": result.history},
+                   out / "metrics.json")
+        save_model(teacher_path(cfg), engine.model, meta)
+    ctx.barrier()
+    return teacher_path(cfg)

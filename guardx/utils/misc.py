@@ -1,0 +1,50 @@
+"""Small shared helpers: seeding, device choice, progress bars, finite-loss checks."""
+from __future__ import annotations
+
+import math
+import random
+import sys
+from typing import Iterable
+
+import torch
+from tqdm import tqdm
+
+from guardx.errors import NonFiniteLossError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible")
+    return torch.device("cuda", local_rank)
+
+
+def progress(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs) -> tqdm:
+    """A tqdm bar on stderr, disabled on non-zero ranks (callers pass ``enabled=ctx.is_main and cfg.run.progress``).
+
+    Redirected to a file or CI log, bars refresh every 10 s instead of continuously.
+    """
+    kwargs.setdefault("mininterval", 0.2 if sys.stderr.isatty() else 10.0)
+    return tqdm(iterable, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def interactive() -> bool:
+    """True when stderr is a terminal (nested per-iteration bars are shown only then)."""
+    return sys.stderr.isatty()
+
+
+def check_finite(value: float, *, stage: str, step: int, last_good: str | None) -> None:
+    if not math.isfinite(value):
+        where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint written yet"
+        raise NonFiniteLossError(f"{stage}: loss became {value} at step {step} (try a lower lr){where}")
+
+
+def cosine_lr(step: int, total: int) -> float:
+    """Multiplier of the base learning rate: cosine from 1 to 0 over ``total`` steps."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
