@@ -56,17 +56,13 @@ def fit(*, engine, loader, epochs: int, ckpt: Checkpointer, ctx, stage: str, see
         n_batches = 0
         bar = progress(total=len(loader), enabled=show_progress and ctx.is_main,
                        desc=f"{stage} {epoch + 1}/{epochs}", unit="batch")
-        batches = iter(loader)
-        while True:
-            # randomness (augmentation in an in-process loader, attack starts) is a function of the
-            # position in the data, so a resumed run draws what the uninterrupted run would have
-            torch.manual_seed(rank_seed(seed, epoch, consumed, ctx.rank))
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                break
+        for x, y in loader:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
+            # the objective's randomness (e.g. PGD random starts) is a function of the position in the
+            # data, so a resumed run draws what the uninterrupted run would have (the loaders seed their
+            # augmentation per sample the same way)
+            torch.manual_seed(rank_seed(seed, epoch, consumed, ctx.rank))
             loss, stats = engine(x, y)
             # stats are host floats already (one sync per step, inside the objective)
             check_finite(stats["loss"] if "loss" in stats else stats["ce"], stage=stage, step=step,

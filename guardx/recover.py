@@ -88,8 +88,9 @@ def save_png(img: torch.Tensor, path: Path) -> None:
 
 
 def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resolution: int, seed: int,
-               show_progress: bool = False) -> torch.Tensor:
-    """Optimise one batch of images for ``targets``; returns float images in [0, 1] (pixel space)."""
+               show_progress: bool = False, history: list | None = None) -> torch.Tensor:
+    """Optimise one batch of images for ``targets``; returns float images in [0, 1] (pixel space).
+    ``history``, if given, receives the loss of every iteration (a host sync per step: tests/analysis only)."""
     rc = cfg.recover
     net = teacher.net  # optimise in the normalised space, as the official code does
     device = targets.device
@@ -115,6 +116,8 @@ def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resol
             opt.step()
             with torch.no_grad():  # keep the images inside the valid pixel range
                 x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+            if history is not None:
+                history.append(loss.item())
             if it % 50 == 0 or it == rc.iterations - 1:
                 bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}")
         bar.close()

@@ -1,0 +1,175 @@
+"""Every stage on tiny data, resume after an interruption, failure modes, and a pipeline smoke run."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from guardx import evaluate, pipeline, recover, relabel, squeeze, train
+from guardx.errors import DataError, NonFiniteLossError
+from guardx.models._io import load_model
+
+
+def test_each_stage_on_tiny_data(tiny_cfg):
+    cfg = tiny_cfg("objective.name=guard", "objective.mode=exact")
+    teacher_file = squeeze.run(cfg)
+    teacher, meta = load_model(teacher_file)
+    assert meta["num_classes"] == 10 and meta["classes"] == [str(i) for i in range(10)]
+    assert (squeeze.stage_dir(cfg) / "ckpt").is_dir()
+
+    images = recover.run(cfg)
+    pngs = sorted(images.rglob("*.png"))
+    assert len(pngs) == 10 * cfg.recover.ipc
+    assert {p.parent.name for p in pngs} == set(meta["classes"])
+    manifest = json.loads((recover.stage_dir(cfg) / "manifest.json").read_text())
+    assert manifest["images"] == 20 and manifest["synthesized_this_run"] == 20
+
+    relabel.run(cfg)
+    blob = torch.load(relabel.epoch_file(cfg, 1), weights_only=True)
+    assert blob["order"].shape == (20,) and blob["crops"].shape == (20, 5) and blob["logits"].shape == (20, 10)
+    assert blob["logits"].dtype == torch.float16 and sorted(blob["order"].tolist()) == list(range(20))
+
+    student_file = train.run(cfg)
+    student, smeta = load_model(student_file)
+    assert smeta["num_classes"] == 10
+    assert not all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
+
+    rows = evaluate.run(cfg)
+    assert [r["model"] for r in rows] == ["teacher", "student"]
+    for r in rows:
+        acc = r["accuracy"]
+        assert acc["n"] == cfg.evaluate.max_samples
+        assert 0 <= acc["pgd@1/255"] <= acc["clean"] <= 100
+
+
+def test_relabel_stores_what_train_replays(tiny_cfg):
+    """The crops train replays are the ones relabel labelled: the teacher on a replayed item reproduces
+    the stored logits."""
+    from guardx.data.distilled import DistilledSet, ReplayDataset
+
+    cfg = tiny_cfg("relabel.topk=3")
+    for stage in (squeeze, recover, relabel):
+        stage.run(cfg)
+    teacher, meta = load_model(squeeze.teacher_path(cfg))
+    distilled = DistilledSet(recover.images_dir(cfg), meta["classes"])
+    ds = ReplayDataset(distilled, resolution=meta["resolution"], plan_fn=relabel.plan_for(cfg, distilled),
+                       targets_fn=lambda e: relabel.load_epoch_targets(cfg, e, cfg.relabel.epochs))
+    ds.set_epoch(1)
+    x, target = ds[7]
+    with torch.no_grad():
+        logits = teacher(x[None])[0]
+    top = logits.topk(3)
+    assert torch.equal(torch.isfinite(target).nonzero().flatten().sort().values, top.indices.sort().values)
+    assert torch.allclose(target[top.indices], logits[top.indices], atol=2e-2, rtol=2e-3)  # fp16 storage
+
+
+def test_compress_expand_logits_roundtrip():
+    logits = torch.randn(6, 40)
+    full = relabel.expand_logits(relabel.compress_logits(logits, 0))
+    assert torch.allclose(full, logits, atol=1e-2)
+    part = relabel.expand_logits(relabel.compress_logits(logits, 5))
+    assert torch.isfinite(part).sum(1).tolist() == [5] * 6
+    assert torch.equal(part.argmax(1), logits.argmax(1))
+
+
+def test_recover_loss_decreases(tiny_cfg):
+    # augmentation off so successive losses are comparable (with it, each iteration sees another view)
+    cfg = tiny_cfg("recover.iterations=40", "squeeze.max_steps=20", "recover.rrc_scale=[1.0,1.0]",
+                   "recover.jitter=0", "recover.flip=false")
+    teacher, meta = load_model(squeeze.run(cfg))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    history: list = []
+    images = recover.synthesize(teacher, torch.arange(10), cfg, resolution=16, seed=0, history=history)
+    assert images.shape == (10, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5
+
+
+def _interrupt_at(monkeypatch, step_to_fail: int):
+    import guardx.loop as loop
+
+    real = loop.check_finite
+
+    def check(value, *, stage, step, last_good):
+        if step == step_to_fail:
+            raise KeyboardInterrupt
+        real(value, stage=stage, step=step, last_good=last_good)
+
+    monkeypatch.setattr(loop, "check_finite", check)
+
+
+def test_squeeze_resumes_exactly_after_interruption(tiny_cfg, tmp_path, monkeypatch):
+    overrides = ["squeeze.max_steps=0", "squeeze.epochs=2", "squeeze.ckpt_every_steps=1",
+                 "objective.name=adv", "objective.steps=1"]  # adv draws random starts: RNG must resume too
+    reference = squeeze.run(tiny_cfg(*overrides, f"run.out_dir={tmp_path / 'ref'}"))
+
+    cfg = tiny_cfg(*overrides, f"run.out_dir={tmp_path / 'resumed'}")
+    _interrupt_at(monkeypatch, 30)  # mid second epoch (23 steps per epoch)
+    with pytest.raises(KeyboardInterrupt):
+        squeeze.run(cfg)
+    assert not squeeze.teacher_path(cfg).exists()
+    ckpts = sorted((squeeze.stage_dir(cfg) / "ckpt").glob("step_*.pt"))
+    assert ckpts[-1].name == "step_000000030.pt"
+    monkeypatch.undo()
+    resumed = squeeze.run(cfg)
+    a = torch.load(reference, weights_only=True)["model"]
+    b = torch.load(resumed, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tiny_cfg):
+    cfg = tiny_cfg("squeeze.lr=1e12", "squeeze.max_steps=20", "squeeze.ckpt_every_steps=1")
+    with pytest.raises(NonFiniteLossError) as e:
+        squeeze.run(cfg)
+    msg = str(e.value)
+    assert "loss became" in msg and "last good checkpoint" in msg and "\n" not in msg
+    path = msg.split("last good checkpoint: ")[1]
+    state = torch.load(path, weights_only=True)  # intact and loadable
+    assert all(torch.isfinite(v).all() for v in state["engine"]["model"].values() if v.is_floating_point())
+    assert not squeeze.teacher_path(cfg).exists()
+
+
+def test_missing_and_empty_data_folders(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("data.dataset=imagefolder", f"data.train_dir={tmp_path / 'nope'}")
+    with pytest.raises(DataError, match="data folder not found"):
+        squeeze.run(cfg)
+    root = tmp_path / "tree"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (20, 20)).save(root / "cat" / "a.jpg")
+    cfg = tiny_cfg("data.dataset=imagefolder", f"data.train_dir={root}")
+    with pytest.raises(DataError, match="class folder has no images: .*dog"):
+        squeeze.run(cfg)
+
+
+def test_stage_order_errors_are_one_line(tiny_cfg):
+    from guardx.errors import GuardxError
+
+    with pytest.raises(GuardxError, match="checkpoint not found: .*teacher.pt"):
+        recover.run(tiny_cfg())
+
+
+def test_pipeline_smoke_and_rerun_skips(tiny_cfg, capsys):
+    cfg = tiny_cfg("pipeline.methods=[{name: sre2l, objective: {name: plain}}, "
+                   "{name: guard, objective: {name: guard, mode: lossdiff}}]")
+    report = pipeline.run(cfg)
+    assert [(r["method"], r["model"]) for r in report["rows"]] == \
+        [("sre2l", "teacher"), ("sre2l", "student"), ("guard", "teacher"), ("guard", "student")]
+    out = pipeline.Path(cfg.run.out_dir)
+    md = (out / "report.md").read_text()
+    assert "| guard | student |" in md and "seed 0" in md
+    csv_lines = (out / "report.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,model,n,clean,pgd@1/255") and len(csv_lines) == 5
+    again = pipeline.run(cfg)  # everything done: stages skip, same numbers
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
+    assert json.loads((out / "guard" / "squeeze" / "metrics.json").read_text())["steps"] == cfg.squeeze.max_steps
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "guardx", "squeeze", "squeeze.epoch=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "guardx: error: unknown config key 'squeeze.epoch' (did you mean 'squeeze.epochs'?)"
