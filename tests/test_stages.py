@@ -173,3 +173,27 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "guardx: error: unknown config key 'squeeze.epoch' (did you mean 'squeeze.epochs'?)"
+
+
+def test_recover_and_relabel_resume_where_they_stopped(tiny_cfg):
+    cfg = tiny_cfg("recover.batch_size=10")  # 2 jobs of 10 images
+    squeeze.run(cfg)
+    recover.run(cfg)
+    manifest = recover.stage_dir(cfg) / "manifest.json"
+    first_job = sorted(recover.images_dir(cfg).rglob("*_0000.png"))
+    kept = {p: p.read_bytes() for p in first_job}
+    manifest.unlink()  # as if killed after the first job: its PNGs exist, the second job's do not
+    for p in recover.images_dir(cfg).rglob("*_0001.png"):
+        p.unlink()
+    recover.run(cfg)
+    info = json.loads(manifest.read_text())
+    assert info["synthesized_this_run"] == 10 and info["reused"] == 10
+    assert all(p.read_bytes() == b for p, b in kept.items())  # finished work untouched
+
+    relabel.run(cfg)
+    (relabel.stage_dir(cfg) / "manifest.json").unlink()
+    stamp = relabel.epoch_file(cfg, 0).stat().st_mtime_ns
+    relabel.epoch_file(cfg, 1).unlink()
+    relabel.run(cfg)
+    assert relabel.epoch_file(cfg, 1).is_file() and relabel.epoch_file(cfg, 0).stat().st_mtime_ns == stamp
+    assert not list(relabel.stage_dir(cfg).glob(".*.tmp"))  # no temp files left behind
