@@ -8,6 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The row-wise ops GUARD runs every step: Triton on CUDA tensors, their PyTorch references elsewhere.
+from kernels import perturb_along, rowwise_sqdist, unit_direction  # noqa: F401  (re-exported)
+
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Dropout)
 
 
@@ -51,13 +54,6 @@ def mode_independent(model: nn.Module) -> bool:
 
 def per_sample_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
-
-
-def unit_direction(g: torch.Tensor) -> torch.Tensor:
-    """z_i = g_i / ||g_i||_2 per sample, detached; a zero gradient gives z_i = 0 (not NaN)."""
-    g = g.detach()
-    norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))
-    return torch.where(norm > 0, g / norm.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(g))
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:

@@ -18,6 +18,9 @@ Work shared between passes (why a step costs what it costs; FLOPs in units of on
   graphs freed *before* the cross-entropy forward, then handed to the engine through a zero-valued
   surrogate (:func:`inject`). Peak activation memory is one pass, not three, and DDP/DeepSpeed still see
   a single loss whose ordinary backward carries the whole gradient.
+* the per-step row ops, x + h·g/‖g‖ and Σ(gz − g0)², are fused Triton kernels on CUDA tensors
+  (``kernels/``; PyTorch references elsewhere): about a third of the memory traffic, and the exact
+  regulariser's autograd no longer keeps a copy of gz − g0 alive.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from guardx.models.wrapper import split_normalizer
-from guardx.objectives._common import (inject, mode_independent, param_grads, per_sample_ce, running_stats_mode,
-                                       stats_dict, trainable, unit_direction)
+from guardx.objectives._common import (inject, mode_independent, param_grads, per_sample_ce, perturb_along,
+                                       rowwise_sqdist, running_stats_mode, stats_dict, trainable)
 
 MODES = ("exact", "lossdiff", "cure")
 
@@ -77,13 +80,13 @@ class Guard:
             return self._lossdiff(net, xin, y, params, shared)
         with running_stats_mode(net):
             l0, g0 = input_gradient(net, xin, y, create_graph=True)
-            z = unit_direction(g0)  # from the same pass as ∇ℓ(x): no separate direction-finding pass
-            _, gz = input_gradient(net, xin + self.h * z, y, create_graph=True)
-            diff = (gz - g0).flatten(1)
-            if self.mode == "exact":
-                reg = self.lam * diff.pow(2).sum(1).mean()
+            # x + h·z with z = g0/‖g0‖ from the same pass as ∇ℓ(x) (no separate direction-finding pass),
+            # in one fused kernel on GPU
+            _, gz = input_gradient(net, perturb_along(xin, g0.detach(), self.h), y, create_graph=True)
+            if self.mode == "exact":  # fused reduction; its backward feeds gz's and g0's graphs
+                reg = self.lam * rowwise_sqdist(gz, g0).mean()
             else:  # cure: gradients of the batch-mean loss (1/B each), un-squared norm
-                reg = self.lam * _safe_norm(diff / len(y)).mean()
+                reg = self.lam * _safe_norm((gz - g0).flatten(1) / len(y)).mean()
         loss, ce = finish_double_backprop(net, xin, y, params, shared=shared, low_memory=self.low_memory,
                                           clean_losses=l0, reg=reg)
         return loss, stats_dict(ce=ce, reg=reg, loss=loss)
@@ -98,8 +101,7 @@ class Guard:
                 clean = clean.detach()
             else:
                 (g,) = torch.autograd.grad(clean, x0, retain_graph=True)
-            z = unit_direction(g)
-            pert = per_sample_ce(net(xin + self.h * z), y).mean()
+            pert = per_sample_ce(net(perturb_along(xin, g, self.h)), y).mean()
         diff = pert - clean
         reg = self.beta * diff.abs()
         if not self.low_memory:
