@@ -87,14 +87,19 @@ class TorchLoader:
 
     def __init__(self, dataset, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  train: bool = True, shuffle: bool | None = None, workers: int = 0, pin_memory: bool = False,
-                 limit: int = 0):
+                 limit: int = 0, shard_block: int = 0):
         self.dataset = dataset
         self.classes = list(dataset.classes)
         self.num_classes = len(self.classes)
         self.batch_size = batch_size
         n = min(len(dataset), limit) if limit else len(dataset)
+        if train and hasattr(dataset, "seed_item"):
+            dataset.seed = seed  # augmentation = f(seed, epoch, index): see SeededAugmentation
         self.sampler = ShardedSampler(n, rank=rank, world_size=world_size, seed=seed,
-                                      shuffle=train if shuffle is None else shuffle, pad=train)
+                                      shuffle=train if shuffle is None else shuffle, pad=train,
+                                      block=max(shard_block, 1))
+        # shard_block = B >= 1 (eval): with batch_size == B, the k-th batch of rank r is global block r + k*W
+        self.shard_block = shard_block
         per_epoch_state = hasattr(dataset, "set_epoch")
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
@@ -121,14 +126,19 @@ class TorchLoader:
                     self.skipped.add(path)
                     warnings.warn(f"skipping unreadable image {path} ({len(self.skipped)} skipped so far)",
                                   stacklevel=2)
-            if len(y):
+            if len(y) or self.shard_block:  # block mode keeps empty batches so batch k stays block k
                 yield x, y
 
 
 def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1, *, batch_size: int, seed: int = 0,
-                 augment: bool | None = None, device: torch.device | None = None, max_samples: int = 0):
+                 augment: bool | None = None, device: torch.device | None = None, max_samples: int = 0,
+                 shard_block: bool = False):
     """One builder for every backend (see the module docstring). ``batch_size`` is per rank;
-    ``max_samples`` limits an eval split to its first N samples (the same N whatever the world size)."""
+    ``max_samples`` limits an eval split to its first N samples (the same N whatever the world size).
+    ``shard_block`` (eval splits, every backend): rank r gets the consecutive blocks of
+    ``batch_size`` samples r, r+W, ... and ``loader.shard_block == batch_size``, so every batch is a fixed
+    global block (evaluate uses it to make results independent of the world size); otherwise
+    ``loader.shard_block == 0``."""
     train = split == "train"
     augment = train if augment is None else augment
     if cfg.dataset == "digits" or cfg.backend == "folder":
@@ -136,15 +146,16 @@ def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1, *, batch_s
         pin = device is not None and device.type == "cuda"
         return TorchLoader(build_dataset(cfg, split, augment), batch_size=batch_size, rank=rank,
                            world_size=world_size, seed=seed, train=train, workers=workers, pin_memory=pin,
-                           limit=0 if train else max_samples)
+                           limit=0 if train else max_samples,
+                           shard_block=batch_size if shard_block and not train else 0)
     if cfg.backend == "ffcv":
         from guardx.data.ffcv import build_ffcv_loader
 
         return build_ffcv_loader(cfg, split, rank, world_size, batch_size=batch_size, seed=seed,
-                                 augment=augment, device=device, max_samples=max_samples)
+                                 augment=augment, device=device, max_samples=max_samples, shard_block=shard_block)
     if cfg.backend == "dali":
         from guardx.data.dali import build_dali_loader
 
         return build_dali_loader(cfg, split, rank, world_size, batch_size=batch_size, seed=seed,
-                                 augment=augment, device=device, max_samples=max_samples)
+                                 augment=augment, device=device, max_samples=max_samples, shard_block=shard_block)
     raise ConfigError(f"data.backend={cfg.backend!r} is not one of folder, ffcv, dali")

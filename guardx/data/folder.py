@@ -40,7 +40,55 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     return samples, classes
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+def probe_image(path: str) -> tuple[int, int] | str:
+    """``(width, height)`` of a decodable image, else the decode error as one line of text.
+
+    JPEGs are decoded at 1/8 scale (libjpeg DCT scaling via ``draft``): that still reads every byte
+    of the entropy-coded data, so truncated or corrupt files fail, at a fraction of a full decode.
+    """
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+        return size
+    except _DECODE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def probe_images(paths: list[str], *, workers: int = 1, show_progress: bool = True,
+                 desc: str = "checking images") -> list[tuple[int, int] | str]:
+    """:func:`probe_image` over ``paths`` in ``workers`` processes, in order, with a progress bar."""
+    from guardx.utils.misc import progress
+
+    if workers <= 1 or len(paths) < 256:
+        return [probe_image(p) for p in progress(paths, enabled=show_progress, desc=desc, unit="img")]
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers) as pool:
+        it = pool.imap(probe_image, paths, chunksize=64)
+        return list(progress(it, enabled=show_progress, total=len(paths), desc=desc, unit="img"))
+
+
+class SeededAugmentation:
+    """Random augmentation that is a function of (seed, epoch, sample index) only.
+
+    The global RNG is seeded per item right before its transform runs (in whichever worker), so the
+    crops do not depend on worker count, prefetching, world size or where a resumed run restarted.
+    """
+
+    seed: int | None = None  # None: eval (no randomness) or unseeded
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def seed_item(self, i: int) -> None:
+        if self.seed is not None:
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 1_000_033 + i) % (2**63 - 1))
+
+
+class ImageFolderDataset(SeededAugmentation, torch.utils.data.Dataset):
     def __init__(self, root: str | Path, transform: Callable, classes: list[str] | None = None):
         self.root = Path(root)
         self.samples, self.classes = scan_image_folder(root, classes)
@@ -51,6 +99,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
+        self.seed_item(i)
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
@@ -59,7 +108,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return None, path
 
 
-class TensorDataset(torch.utils.data.Dataset):
+class TensorDataset(SeededAugmentation, torch.utils.data.Dataset):
     """Images held in memory as uint8 (N, 3, H, W); ``transform`` maps a float (3, H, W) image in [0, 1]."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], transform: Callable | None = None):
@@ -70,6 +119,7 @@ class TensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         x = self.images[i].float().div_(255)
+        self.seed_item(i)
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.labels[i])
