@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import sys
 
@@ -23,11 +24,47 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied last")
 
 
+def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]PATH",
+                   help="model file to evaluate (repeatable or comma list); default: the run's teacher and student")
+    p.add_argument("--attacks", metavar="LIST", help="e.g. pgd100,square,autoattack,cw,mim (evaluate.attacks)")
+    p.add_argument("--eps", metavar="LIST", help="L-inf radii, e.g. 1/255,4/255 (evaluate.eps)")
+    p.add_argument("--out", metavar="DIR", help="results folder (evaluate.out_dir)")
+
+
+def _evaluate_overrides(args) -> list[str]:
+    """The evaluate flags as config overrides (JSON values, so paths and k/255 pass through YAML unchanged)."""
+    if args.command != "evaluate":
+        return []
+    out = []
+    paths = [c for arg in args.checkpoint for c in arg.split(",") if c]
+    if paths:
+        out.append(f"evaluate.checkpoints={json.dumps(paths)}")
+    if args.attacks is not None:
+        out.append(f"evaluate.attacks={json.dumps([v.strip() for v in args.attacks.split(',') if v.strip()])}")
+    if args.eps is not None:  # numbers as numbers, k/255 as strings (the config parses those)
+        eps = [v.strip() for v in args.eps.split(",") if v.strip()]
+        out.append(f"evaluate.eps={json.dumps([_number_or_text(v) for v in eps])}")
+    if args.out is not None:
+        out.append(f"evaluate.out_dir={json.dumps(args.out)}")
+    return out
+
+
+def _number_or_text(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardx", description="Robust dataset distillation (GUARD) toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for stage in STAGES:
-        _add_config_args(sub.add_parser(stage, help=f"run the {stage} stage"))
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        _add_config_args(p)
+        if stage == "evaluate":
+            _add_evaluate_args(p)
     _add_config_args(sub.add_parser("pipeline", help="run all stages for every method and write the report"))
     p = sub.add_parser("config", help="print the resolved config, or the config reference")
     p.add_argument("--reference", action="store_true", help="print every key with its default and meaning")
@@ -67,7 +104,7 @@ def _dispatch(args) -> int:
     if args.command == "config" and args.reference:
         print(reference_markdown())
         return 0
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + _evaluate_overrides(args))
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0

@@ -64,9 +64,22 @@ class DataConfig:
     val_crop_ratio: float = F(0.875, "eval: resize to resolution/ratio, then center-crop resolution")
     rrc_scale: list = F([0.08, 1.0], "train: RandomResizedCrop area range")
     flip: bool = F(True, "train: random horizontal flip")
-    workers: int = F(4, "loader worker processes per rank")
+    workers: int = F(4, "per rank: loader worker processes (folder) or decoding threads (ffcv, dali)")
     mean: list = F([0.485, 0.456, 0.406], "per-channel mean, applied inside the model wrapper")
     std: list = F([0.229, 0.224, 0.225], "per-channel std, applied inside the model wrapper")
+    ffcv_order: str = F("sharded", "ffcv: sharded (the seeded, sharded order every backend uses) | quasi_random "
+                        "(FFCV's page-aware order for a .beton larger than RAM, with ffcv_os_cache=false; one rank only)")
+    ffcv_os_cache: bool = F(True, "ffcv: read the .beton through the OS page cache (shared by the ranks of a node); "
+                            "false = each process caches the pages it reads")
+    ffcv_batches_ahead: int = F(3, "ffcv: batches decoded ahead of the consumer")
+    ffcv_max_resolution: int = F(256, "guardx data convert: longest side stored in the .beton (0 = keep the original)")
+    ffcv_jpeg_quality: int = F(90, "guardx data convert: JPEG quality of the re-encoded images")
+    ffcv_write_mode: str = F("jpg", "guardx data convert: jpg | raw (uint8 pixels: fastest decode, ~8x larger) | "
+                             "proportion (JPEG with probability ffcv_compress_probability, else raw)")
+    ffcv_compress_probability: float = F(0.5, "guardx data convert, write_mode=proportion: share stored as JPEG")
+    dali_decode: str = F("auto", "dali: auto (mixed = nvJPEG on the GPU when the loader's device is CUDA, else cpu) "
+                         "| mixed | cpu")
+    dali_prefetch: int = F(2, "dali: prefetch queue depth (batches in flight)")
 
     def validate(self):
         _one_of("data", "dataset", self.dataset, ("digits", "imagefolder"))
@@ -77,6 +90,16 @@ class DataConfig:
             raise ConfigError(f"data.rrc_scale must be [min, max] with 0 < min <= max <= 1, got {self.rrc_scale}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError("data.mean and data.std must have 3 values (RGB)")
+        _one_of("data", "ffcv_order", self.ffcv_order, ("sharded", "quasi_random"))
+        _one_of("data", "ffcv_write_mode", self.ffcv_write_mode, ("jpg", "raw", "proportion"))
+        _one_of("data", "dali_decode", self.dali_decode, ("auto", "mixed", "cpu"))
+        _positive("data", "ffcv_batches_ahead", self.ffcv_batches_ahead)
+        _positive("data", "ffcv_max_resolution", self.ffcv_max_resolution, allow_zero=True)
+        _positive("data", "dali_prefetch", self.dali_prefetch)
+        if not 1 <= self.ffcv_jpeg_quality <= 100:
+            raise ConfigError(f"data.ffcv_jpeg_quality must be in [1, 100], got {self.ffcv_jpeg_quality}")
+        if not 0 <= self.ffcv_compress_probability <= 1:
+            raise ConfigError(f"data.ffcv_compress_probability must be in [0, 1], got {self.ffcv_compress_probability}")
 
 
 @dataclass
@@ -201,36 +224,72 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    attacks: list = F(["pgd"], "attacks to run besides clean accuracy")
-    eps: list = F([1 / 255], "L-inf radii in pixel units (accepts k/255)")
+    attacks: list = F(["pgd"], "attacks besides clean accuracy: pgd (pgd_steps steps) or pgd<N> (N steps), fgsm, "
+                               "mim, cw, square, autoattack (e.g. pgd100,square,autoattack,cw,mim)")
+    eps: list = F([1 / 255], "L-inf radii in pixel units (accepts k/255); cw ignores them (unbounded L2)")
+    checkpoints: list = F([], "model files to evaluate, PATH or LABEL=PATH; empty = the run's teacher and student")
+    out_dir: str = F("", "results folder; empty = <run.out_dir>/evaluate")
     pgd_steps: int = F(100, "PGD iterations (PGD-100 in the paper)")
     pgd_alpha: float = F(0.0, "PGD step size; 0 = eps/4")
     pgd_random_start: bool = F(True, "PGD random start inside the eps-ball")
-    pgd_early_stop: bool = F(False, "PGD: keep a sample's first misclassified iterate and stop attacking it "
+    pgd_early_stop: bool = F(False, "PGD and MIM: keep a sample's first misclassified iterate and stop attacking it "
                                      "(worst-iterate accuracy, <= last-iterate; much faster at large eps)")
-    batch_size: int = F(256, "evaluation batch size per rank")
+    mim_steps: int = F(20, "MIM (momentum iterative FGSM) iterations")
+    mim_decay: float = F(1.0, "MIM momentum decay mu")
+    mim_alpha: float = F(0.0, "MIM step size; 0 = eps/4")
+    cw_c: float = F(1e-5, "CW-L2 weight c of the margin term (the paper: 1e-5)")
+    cw_kappa: float = F(0.0, "CW-L2 confidence kappa")
+    cw_steps: int = F(50, "CW-L2 Adam steps (torchattacks' default; the paper gives only c)")
+    cw_lr: float = F(0.01, "CW-L2 Adam learning rate")
+    square_queries: int = F(5000, "Square attack queries per sample (also the Square inside autoattack standard)")
+    square_p_init: float = F(0.8, "Square attack initial fraction of pixels changed per query")
+    autoattack_version: str = F("standard", "standard (APGD-CE, APGD-T, FAB-T, Square) | fast (APGD-CE, APGD-T)")
+    autoattack_steps: int = F(100, "autoattack: iterations of APGD-CE, APGD-T and FAB-T (reference: 100)")
+    autoattack_targets: int = F(9, "autoattack: target classes of APGD-T and FAB-T (reference: 9)")
+    batch_size: int = F(256, "evaluation batch size per rank (also the block of samples that shares attack seeds)")
     max_samples: int = F(0, "evaluate the first N test samples only; 0 = the whole split")
 
     def validate(self):
-        if not self.eps or any(e < 0 for e in self.eps):
-            raise ConfigError(f"evaluate.eps must be a non-empty list of radii >= 0, got {self.eps}")
-        _positive("evaluate", "pgd_steps", self.pgd_steps)
+        from guardx.attacks import parse_attack
+
+        if not self.eps or any(isinstance(e, bool) or not isinstance(e, (int, float)) or e < 0 for e in self.eps):
+            raise ConfigError(f"evaluate.eps must be a non-empty list of radii >= 0 (numbers or k/255), got {self.eps}")
+        for spec in self.attacks:
+            if not isinstance(spec, str):
+                raise ConfigError(f"evaluate.attacks entries must be names like pgd100, got {spec!r}")
+            parse_attack(spec)
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ConfigError(f"evaluate.attacks has duplicates: {self.attacks}")
+        for k in ("pgd_steps", "mim_steps", "cw_steps", "square_queries", "autoattack_steps", "autoattack_targets",
+                  "batch_size", "cw_lr"):
+            _positive("evaluate", k, getattr(self, k))
+        _one_of("evaluate", "autoattack_version", self.autoattack_version, ("standard", "fast"))
 
 
 @dataclass
 class DistributedConfig:
-    backend: str = F("none", "none (one process) | ddp | deepspeed")
-    zero_stage: int = F(0, "deepspeed: ZeRO stage 0/1/2")
-    precision: str = F("fp32", "fp32 | bf16 | fp16 (GPU)")
-    grad_accum: int = F(1, "micro-batches per optimiser step")
-    deepspeed_config: str = F("", "deepspeed: JSON config file; empty = generated from this config")
-    timeout_s: int = F(600, "collective timeout: a dead rank makes the others exit after this long")
+    backend: str = F("none", "none (one process) | ddp | deepspeed; ranks come from torchrun's environment")
+    zero_stage: int = F(0, "deepspeed: ZeRO stage 0 | 1 (shard optimiser state) | 2 (+ gradients); 3 is refused "
+                           "with the reason (GUARD's double backprop needs every layer's weights in the forward)")
+    precision: str = F("fp32", "fp32 | bf16 | fp16: fp32 weights, forward under torch.autocast on every backend "
+                                "(fp16 adds a gradient scaler; deepspeed: its torch_autocast mode)")
+    grad_accum: int = F(1, "micro-batches per optimiser step; the global batch (squeeze/train.batch_size) is "
+                           "split over ranks x grad_accum")
+    deepspeed_config: str = F("", "deepspeed: JSON file (e.g. launch/ds_zero2.json) for DeepSpeed's own knobs; "
+                                  "batch, accumulation, clipping, stage and precision come from guardx "
+                                  "(\"auto\" in the file); empty = generated")
+    timeout_s: int = F(600, "collective timeout in seconds: a stalled rank makes the others exit with an "
+                            "error after this long (a killed rank: at once)")
 
     def validate(self):
         _one_of("distributed", "backend", self.backend, ("none", "ddp", "deepspeed"))
         _one_of("distributed", "zero_stage", self.zero_stage, (0, 1, 2, 3))
         _one_of("distributed", "precision", self.precision, ("fp32", "bf16", "fp16"))
         _positive("distributed", "grad_accum", self.grad_accum)
+        _positive("distributed", "timeout_s", self.timeout_s)
+        if self.deepspeed_config and self.backend != "deepspeed":
+            raise ConfigError(f"distributed.deepspeed_config is set but distributed.backend={self.backend}: "
+                              "set distributed.backend=deepspeed")
 
 
 @dataclass
@@ -417,6 +476,7 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = json.dumps(default) if not isinstance(default, float) else f"{default:g}"
-            out.append(f"| `{f.name}` | `{shown}` | {f.metadata.get('help', '')} |")
+            meaning = f.metadata.get("help", "").replace("|", "\\|")  # a bare | would split the cell
+            out.append(f"| `{f.name}` | `{shown}` | {meaning} |")
         out.append("")
     return "\n".join(out)

@@ -28,6 +28,9 @@ STAGE_MODULES = {"squeeze": squeeze, "recover": recover, "relabel": relabel, "tr
 def method_config(cfg: Config, method) -> Config:
     mcfg = cfg.with_objective(method.objective)
     mcfg.run.out_dir = str(Path(cfg.run.out_dir) / method.name)
+    # each method evaluates its own teacher/student into its own run dir (evaluate.checkpoints/out_dir are
+    # for standalone `guardx evaluate`)
+    mcfg.evaluate.checkpoints, mcfg.evaluate.out_dir = [], ""
     return mcfg
 
 
@@ -68,7 +71,7 @@ def settings_line(cfg: Config) -> str:
     return (f"seed {cfg.run.seed} · data {cfg.data.dataset} @ {cfg.data.resolution}px · teacher "
             f"{cfg.model.name}(width {cfg.model.width}) {cfg.squeeze.epochs} ep · recover ipc {cfg.recover.ipc}, "
             f"{cfg.recover.iterations} it · relabel/train {cfg.train.epochs} ep · "
-            f"PGD-{cfg.evaluate.pgd_steps} (α = ε/4{', random start' if cfg.evaluate.pgd_random_start else ''})"
+            f"{evaluate.describe(cfg)}"
             + (f" on the first {cfg.evaluate.max_samples} test images" if cfg.evaluate.max_samples else ""))
 
 

@@ -68,3 +68,13 @@ def test_reference_lists_every_key():
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(getattr(Config(), section.name)):
             assert f"`{f.name}`" in ref
+
+
+def test_readme_config_reference_is_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "update_readme.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

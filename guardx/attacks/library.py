@@ -1,0 +1,86 @@
+"""The attacks guardx takes from torchattacks 3.5.1: Square and AutoAttack.
+
+Both are faithful ports of the reference code (fra31/auto-attack); guardx only sets them to the
+reference strength and makes them reproducible:
+
+* ``square``: L∞ Square Attack, margin loss, ``p_init`` 0.8, one restart, 5000 queries by default.
+* ``autoattack``, ``version="standard"``: APGD-CE, APGD-T, FAB-T, Square run in sequence, each on the
+  samples the previous ones did not break (the reference's ``run_standard_evaluation``), with the
+  reference budgets: 100 iterations for APGD/APGD-T/FAB-T, 9 target classes for APGD-T and FAB-T,
+  5000 Square queries, one restart each. torchattacks' own ``AutoAttack`` is *not* used: it runs
+  APGD/APGD-T/FAB-T for 10 iterations (Harry24k/adversarial-attacks-pytorch#196) and targets all
+  ``n_classes − 1`` classes (999 on ImageNet instead of 9).
+* ``autoattack``, ``version="fast"``: APGD-CE + APGD-T only (same iterations and targets), without
+  FAB-T and Square, which rarely break a point the APGD pair did not on models without gradient
+  masking (Croce & Hein, 2020) but cost the most.
+
+torchattacks re-seeds the global RNG inside its attacks; here every call runs in a forked RNG state
+seeded with the caller's ``seed``, so the caller's random stream is untouched and a call is reproducible.
+torchattacks is installed separately (``pip install --no-deps torchattacks==3.5.1``, see the Makefile):
+it pins ``requests~=2.25.1``, which it never imports.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from guardx.attacks import register_attack
+from guardx.errors import ConfigError, MissingDependencyError
+
+AUTOATTACK_VERSIONS = ("standard", "fast")
+
+
+def _torchattacks(what: str):
+    try:
+        import torchattacks
+    except ImportError:
+        err = MissingDependencyError("torchattacks", "attacks", what)
+        err.args = (f"{err} && pip install --no-deps torchattacks==3.5.1",)
+        raise err from None
+    return torchattacks
+
+
+@contextmanager
+def _forked_rng(seed: int | None, device: torch.device):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+def _seed(seed: int | None) -> int:
+    return 0 if seed is None else int(seed)  # torchattacks takes None as "seed from the clock"
+
+
+@register_attack("square", budget="queries", source="torchattacks")
+def _square(model, x, y, eps, *, queries: int = 5000, p_init: float = 0.8, seed: int | None = None):
+    ta = _torchattacks("the square attack")
+    atk = ta.Square(model, norm="Linf", eps=eps, n_queries=queries, n_restarts=1, p_init=p_init,
+                    loss="margin", resc_schedule=True, seed=_seed(seed))
+    with _forked_rng(_seed(seed), x.device):
+        return atk(x, y)
+
+
+@register_attack("autoattack", source="torchattacks")
+def _autoattack(model, x, y, eps, *, version: str = "standard", steps: int = 100, targets: int = 9,
+                square_queries: int = 5000, seed: int | None = None):
+    ta = _torchattacks("autoattack")
+    if version not in AUTOATTACK_VERSIONS:
+        raise ConfigError(f"autoattack version {version!r} is not one of {list(AUTOATTACK_VERSIONS)}")
+    with torch.no_grad():
+        n_classes = model(x[:1]).shape[1]
+    if n_classes < 4:  # APGD-T's targeted DLR loss reads the 3rd and 4th largest logits
+        raise ConfigError(f"autoattack needs a model with at least 4 classes, this one has {n_classes}")
+    s = _seed(seed)
+    apgd_t = ta.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=s, n_classes=n_classes)
+    apgd_t.n_target_classes = min(targets, n_classes - 1)
+    attacks = [ta.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=s, loss="ce"), apgd_t]
+    if version == "standard":
+        fab_t = ta.FAB(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=s, multi_targeted=True,
+                       n_classes=n_classes)
+        fab_t.n_target_classes = min(targets, n_classes - 1)
+        attacks += [fab_t, ta.Square(model, norm="Linf", eps=eps, n_queries=square_queries, n_restarts=1,
+                                     p_init=0.8, loss="margin", seed=s)]
+    with _forked_rng(s, x.device):
+        return ta.MultiAttack(attacks)(x, y)

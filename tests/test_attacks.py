@@ -1,0 +1,232 @@
+"""Attacks: closed-form worst cases, threat-model bounds, equality with torchattacks, reproducibility."""
+import pytest
+import torch
+import torch.nn as nn
+
+from guardx.attacks import list_attacks, parse_attack, run_attack
+from guardx.attacks.cw import cw_l2
+from guardx.errors import ConfigError
+from guardx.models import create_model
+
+torchattacks = pytest.importorskip("torchattacks")
+
+EPS = 8 / 255
+# small budgets: the properties tested do not depend on the budget
+BUDGET = {"pgd": dict(steps=5), "mim": dict(steps=5), "fgsm": {}, "cw": dict(steps=10, c=1.0),
+          "square": dict(queries=20), "autoattack": dict(steps=3, targets=2, square_queries=20)}
+
+
+def conv_model(seed=0, classes=10):
+    torch.manual_seed(seed)
+    return create_model("convnet", num_classes=classes, width=8, depth=2, resolution=16,
+                        mean=[0.5] * 3, std=[0.25] * 3).eval()
+
+
+def bn_model(seed=0):
+    torch.manual_seed(seed)
+    return create_model("resnet18_small", num_classes=10, width=4, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3]).eval()
+
+
+def images(n=6, res=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, res, res, generator=g)
+
+
+def linear_binary(seed=0, dim=48):
+    torch.manual_seed(seed)
+    lin = nn.Linear(dim, 2)
+    return nn.Sequential(nn.Flatten(), lin).eval(), lin
+
+
+# --------------------------------------------------------------------------- closed form on a linear model
+
+@pytest.mark.parametrize("name,params", [("fgsm", {}), ("pgd", dict(steps=10, random_start=False)),
+                                         ("pgd", dict(steps=10, random_start=True)), ("mim", dict(steps=10))])
+def test_linear_model_worst_case(name, params):
+    """For logits Wx + b with two classes, the worst L∞ point is x + ε·sign(w_other − w_y), which lowers the
+    margin by exactly ε‖w_y − w_other‖₁; sign-gradient attacks must land on it (x stays away from 0 and 1)."""
+    model, lin = linear_binary()
+    g = torch.Generator().manual_seed(3)
+    x = 0.25 + 0.5 * torch.rand(8, 3, 4, 4, generator=g)
+    y = torch.tensor([0, 1] * 4)
+    adv = run_attack(name, model, x, y, EPS, seed=5, **params)
+    dw = (lin.weight[1] - lin.weight[0]).detach()  # w_1 − w_0
+    direction = torch.where(y[:, None] == 0, dw.sign(), -dw.sign()).view_as(x)
+    torch.testing.assert_close(adv, x + EPS * direction, atol=1e-6, rtol=0)
+
+    def margin(z):
+        return (model(z).gather(1, y[:, None]) - model(z).gather(1, 1 - y[:, None])).squeeze(1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(margin(x) - margin(adv), EPS * dw.abs().sum().expand(8), atol=1e-5, rtol=1e-5)
+
+
+def test_cw_reaches_the_minimal_l2_distance_on_a_linear_model():
+    """Any misclassified point is at least margin/‖w_y − w_o‖₂ away; with a large c, CW gets close to that."""
+    model, lin = linear_binary(seed=1)
+    x = 0.4 + 0.2 * torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        lin.bias.copy_(torch.zeros(2))
+        y = model(x).argmax(1)
+        logits = model(x)
+    margin = (logits.gather(1, y[:, None]) - logits.gather(1, 1 - y[:, None])).squeeze(1)
+    d_min = margin / (lin.weight[1] - lin.weight[0]).norm()
+    adv = cw_l2(model, x, y, c=10.0, steps=100, lr=0.02)
+    fooled = model(adv).argmax(1) != y
+    assert fooled.all()
+    dist = (adv - x).flatten(1).norm(dim=1)
+    assert (dist >= d_min.detach() - 1e-5).all()
+    assert (dist <= 1.5 * d_min.detach()).all(), (dist, d_min)
+
+
+def test_cw_handles_negative_logits_where_torchattacks_does_not():
+    """torchattacks' CW margin is max(0, ·) of the logits: with all logits negative it sees no margin and
+    never moves (Harry24k/adversarial-attacks-pytorch#184). Ours masks the true class instead."""
+    model, lin = linear_binary(seed=2)
+    x = 0.4 + 0.2 * torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        lin.bias.copy_(torch.tensor([-20.0, -20.0]))  # every logit negative
+        y = model(x).argmax(1)
+        assert (model(x) < 0).all()
+    ours = cw_l2(model, x, y, c=100.0, steps=100, lr=0.05)
+    theirs = torchattacks.CW(model, c=100.0, steps=100, lr=0.05)(x, y)
+    assert (model(ours).argmax(1) != y).all()
+    assert (model(theirs).argmax(1) == y).all()
+
+
+def test_cw_result_of_a_sample_does_not_depend_on_its_batch():
+    model = conv_model().double()
+    x = images(5).double()
+    y = model(x).argmax(1)
+    together = cw_l2(model, x, y, c=1.0, steps=15, lr=0.02)
+    alone = torch.cat([cw_l2(model, x[i:i + 1], y[i:i + 1], c=1.0, steps=15, lr=0.02) for i in range(len(x))])
+    torch.testing.assert_close(together, alone, atol=1e-9, rtol=0)
+
+
+# --------------------------------------------------------------------------- threat model
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_every_attack_stays_in_the_threat_model(name):
+    model = conv_model()
+    x = images(6)
+    y = model(x).argmax(1)
+    adv = run_attack(name, model, x, y, EPS, seed=0, **BUDGET[name])
+    assert adv.shape == x.shape and adv.dtype == x.dtype and torch.isfinite(adv).all()
+    assert adv.min() >= 0 and adv.max() <= 1
+    if name != "cw":  # CW-L2 is unbounded (the paper exempts it from ε)
+        assert (adv - x).abs().max() <= EPS + 1e-6
+    with torch.no_grad():  # attacks must not make the model more accurate than clean (all clean-correct here)
+        assert (model(adv).argmax(1) == y).sum() <= len(y)
+
+
+@pytest.mark.parametrize("name", ["pgd", "square", "autoattack"])
+def test_seeded_attacks_are_reproducible_and_leave_the_global_rng_alone(name):
+    model = conv_model()
+    x = images(6)
+    y = model(x).argmax(1)
+    state = torch.random.get_rng_state()
+    a = run_attack(name, model, x, y, EPS, seed=11, **BUDGET[name])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = run_attack(name, model, x, y, EPS, seed=11, **BUDGET[name])
+    assert torch.equal(a, b)
+    if name == "pgd":
+        assert not torch.equal(a, run_attack(name, model, x, y, EPS, seed=12, **BUDGET[name]))
+
+
+# --------------------------------------------------------------------------- equality with torchattacks
+
+def test_pgd_equals_torchattacks_without_random_start():
+    model = bn_model()
+    x = images(4, res=8)
+    y = torch.arange(4)
+    ours = run_attack("pgd10", model, x, y, EPS, alpha=2 / 255, random_start=False)
+    theirs = torchattacks.PGD(model, eps=EPS, alpha=2 / 255, steps=10, random_start=False)(x, y)
+    assert torch.equal(ours, theirs)
+
+
+def test_fgsm_and_mim_equal_torchattacks():
+    model = bn_model(seed=1)
+    x = images(4, res=8, seed=2)
+    y = torch.arange(4)
+    assert torch.equal(run_attack("fgsm", model, x, y, EPS), torchattacks.FGSM(model, eps=EPS)(x, y))
+    ours = run_attack("mim", model, x, y, EPS, steps=10, decay=1.0, alpha=2 / 255)
+    theirs = torchattacks.MIFGSM(model, eps=EPS, alpha=2 / 255, steps=10, decay=1.0)(x, y)
+    assert torch.equal(ours, theirs)
+
+
+def test_mim_follows_its_momentum_through_a_zero_gradient():
+    """A saturated softmax gives an exactly zero gradient; MIM must keep stepping along its momentum
+    (torchattacks 3.5.1 computes 0/0 there, a NaN momentum that freezes the sample for good)."""
+    from guardx.attacks.pgd import _step
+
+    model, lin = linear_binary(seed=3)
+    with torch.no_grad():
+        lin.bias.copy_(torch.tensor([500.0, 0.0]))  # p(class 0) == 1 in float32: zero gradient
+    x = 0.4 + 0.2 * torch.rand(3, 3, 4, 4)
+    y = torch.zeros(3, dtype=torch.long)
+    momentum = torch.ones_like(x)
+    adv, momentum = _step(model, x, x, y, EPS, EPS / 4, momentum, 1.0)
+    assert torch.isfinite(momentum).all()
+    torch.testing.assert_close(adv, x + EPS / 4)
+
+
+def test_early_stop_keeps_the_first_adversarial_iterate():
+    model = conv_model()
+    x = images(8)
+    y = model(x).argmax(1)
+    stopped = run_attack("pgd", model, x, y, EPS, steps=10, early_stop=True, seed=1)
+    full = run_attack("pgd", model, x, y, EPS, steps=10, early_stop=False, seed=1)
+    with torch.no_grad():
+        assert (model(stopped).argmax(1) == y).sum() <= (model(full).argmax(1) == y).sum()
+
+
+# --------------------------------------------------------------------------- AutoAttack wiring
+
+def test_autoattack_runs_at_the_reference_strength(monkeypatch):
+    """standard = APGD-CE, APGD-T, FAB-T, Square with 100 iterations, 9 targets, 5000 queries (fra31/auto-attack);
+    fast = the APGD pair only."""
+    seen = {}
+
+    class Recorder:
+        def __init__(self, attacks):
+            seen["attacks"] = attacks
+
+        def __call__(self, x, y):
+            return x
+
+    monkeypatch.setattr(torchattacks, "MultiAttack", Recorder)
+    model = conv_model(classes=20)
+    x, y = images(2), torch.tensor([0, 1])
+    run_attack("autoattack", model, x, y, EPS)
+    ce, t, fab, square = seen["attacks"]
+    assert type(ce).__name__ == "APGD" and ce.loss == "ce" and ce.steps == 100 and ce.n_restarts == 1
+    assert type(t).__name__ == "APGDT" and t.steps == 100 and t.n_target_classes == 9
+    assert type(fab).__name__ == "FAB" and fab.multi_targeted and fab.steps == 100 and fab.n_target_classes == 9
+    assert type(square).__name__ == "Square" and square.n_queries == 5000 and square.p_init == 0.8
+    assert all(a.eps == EPS and a.norm == "Linf" for a in seen["attacks"])
+    run_attack("autoattack", model, x, y, EPS, version="fast")
+    assert [type(a).__name__ for a in seen["attacks"]] == ["APGD", "APGDT"]
+
+
+def test_autoattack_standard_is_at_least_as_strong_as_fast():
+    model = conv_model()
+    x = images(6)
+    y = model(x).argmax(1)
+    robust = {}
+    for version in ("fast", "standard"):
+        adv = run_attack("autoattack", model, x, y, 2 / 255, version=version, steps=3, targets=2, square_queries=20,
+                         seed=0)
+        robust[version] = (model(adv).argmax(1) == y)
+    assert (robust["standard"] <= robust["fast"]).all()  # same APGD seeds, then more attacks
+
+
+# --------------------------------------------------------------------------- names
+
+def test_attack_names_and_budgets():
+    assert parse_attack("pgd100") == ("pgd", {"steps": 100})
+    assert parse_attack("square500") == ("square", {"queries": 500})
+    assert parse_attack("cw") == ("cw", {})
+    with pytest.raises(ConfigError, match="did you mean 'square'"):
+        parse_attack("sqare")
+    with pytest.raises(ConfigError, match="no numeric budget"):
+        parse_attack("fgsm5")
