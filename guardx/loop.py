@@ -3,10 +3,12 @@
 Resumable at any step: a checkpoint records the engine state (model, optimiser, scheduler), the epoch,
 the *global* samples consumed in that epoch and the step count. The data order is a function of
 (seed, epoch) and the per-rank RNG is reseeded from (seed, epoch, position, rank), so a resumed run —
-on the same or a different number of ranks — continues with the same global order.
+on the same or a different number of ranks — continues with the same global order. An optimiser step
+takes ``distributed.grad_accum`` micro-batches per rank; checkpoints fall between optimiser steps.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from guardx.utils.checkpoint import Checkpointer
-from guardx.utils.misc import check_finite, progress
+from guardx.utils.misc import check_finite, progress, reseed
 
 
 @dataclass
@@ -50,50 +52,65 @@ def fit(*, engine, loader, epochs: int, ckpt: Checkpointer, ctx, stage: str, see
 
     engine.train()
     t0 = time.perf_counter()
-    while epoch < epochs:
-        loader.set_epoch(epoch, start=consumed)
-        sums: dict[str, float] = {}
-        n_batches = 0
-        bar = progress(total=len(loader), enabled=show_progress and ctx.is_main,
-                       desc=f"{stage} {epoch + 1}/{epochs}", unit="batch")
-        for x, y in loader:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            # the objective's randomness (e.g. PGD random starts) is a function of the position in the
-            # data, so a resumed run draws what the uninterrupted run would have (the loaders seed their
-            # augmentation per sample the same way)
-            torch.manual_seed(rank_seed(seed, epoch, consumed, ctx.rank))
-            loss, stats = engine(x, y)
-            # stats are host floats already (one sync per step, inside the objective)
-            check_finite(stats["loss"] if "loss" in stats else stats["ce"], stage=stage, step=step,
-                         last_good=_name(ckpt.last_saved))
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            consumed += x.shape[0] * ctx.world_size
-            result.samples += x.shape[0] * ctx.world_size
-            n_batches += 1
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.update(1)
-            if n_batches % 10 == 0 or n_batches == 1:
-                rate = result.samples / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix({**{k: f"{v / n_batches:.4g}" for k, v in sums.items()}, "img/s": f"{rate:.0f}"})
+    # a dead or stalled rank ends the run with one clear error instead of a hang or a gloo traceback
+    with ctx.on_peer_loss(lambda: f"{stage} step {step + 1}"):
+        while epoch < epochs:
+            loader.set_epoch(epoch, start=consumed)
+            sums: dict[str, float] = {}
+            n_batches = epoch_steps = 0
+            bar = progress(total=len(loader), enabled=show_progress and ctx.is_main,
+                           desc=f"{stage} {epoch + 1}/{epochs}", unit="batch")
+            # one optimiser step = up to distributed.grad_accum micro-batches (fewer at an epoch's end); the
+            # group is drawn first so the engine knows its size before the first backward (loss scale, sync)
+            for group in _groups(loader, engine.grad_accum):
+                engine.start_step(len(group))
+                for x, y in group:
+                    x = x.to(device, non_blocking=True)
+                    y = y.to(device, non_blocking=True)
+                    # the objective's randomness (e.g. PGD random starts) is a function of the position in
+                    # the data, so a resumed run draws what the uninterrupted run would have (the loaders
+                    # seed their augmentation per sample the same way)
+                    reseed(rank_seed(seed, epoch, consumed, ctx.rank))
+                    loss, stats = engine(x, y)
+                    # stats are host floats already (one sync per micro-batch, inside the objective)
+                    check_finite(stats["loss"] if "loss" in stats else stats["ce"], stage=stage, step=step,
+                                 last_good=_name(ckpt.last_saved))
+                    engine.backward(loss)
+                    engine.step()
+                    consumed += x.shape[0] * ctx.world_size
+                    result.samples += x.shape[0] * ctx.world_size
+                    n_batches += 1
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    bar.update(1)
+                step += 1
+                epoch_steps += 1
+                if epoch_steps % 10 == 1:
+                    rate = result.samples / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix({**{k: f"{v / n_batches:.4g}" for k, v in sums.items()},
+                                     "img/s": f"{rate:.0f}"})
+                if max_steps and step >= max_steps:
+                    break
+                if ckpt_every_steps and step % ckpt_every_steps == 0:
+                    snapshot(epoch, consumed)
+            bar.close()
+            epoch_done = not (max_steps and step >= max_steps) or consumed >= loader_global_size(loader)
+            if epoch_done:
+                history.append({"epoch": epoch + 1, **{k: v / max(n_batches, 1) for k, v in sums.items()}})
+                epoch, consumed = epoch + 1, 0
+            snapshot(epoch, consumed)
             if max_steps and step >= max_steps:
                 break
-            if ckpt_every_steps and step % ckpt_every_steps == 0:
-                snapshot(epoch, consumed)
-        bar.close()
-        epoch_done = not (max_steps and step >= max_steps) or consumed >= loader_global_size(loader)
-        if epoch_done:
-            history.append({"epoch": epoch + 1, **{k: v / max(n_batches, 1) for k, v in sums.items()}})
-            epoch, consumed = epoch + 1, 0
-        snapshot(epoch, consumed)
-        if max_steps and step >= max_steps:
-            break
     result.steps, result.epochs_done, result.history = step, epoch, history
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _groups(loader, size: int):
+    """The loader's batches in lists of ``size`` (the last one shorter)."""
+    batches = iter(loader)
+    while group := list(itertools.islice(batches, size)):
+        yield group
 
 
 def loader_global_size(loader) -> int:

@@ -8,6 +8,7 @@ metadata), ``metrics.json``. Rerunning resumes from the newest checkpoint; a fin
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -33,10 +34,12 @@ def teacher_path(cfg: Config) -> Path:
     return stage_dir(cfg) / "teacher.pt"
 
 
-def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
-    if global_batch % world_size:
-        raise ConfigError(f"{key}={global_batch} is not divisible by the world size {world_size}")
-    return global_batch // world_size
+def per_rank_batch(global_batch: int, world_size: int, key: str, grad_accum: int = 1) -> int:
+    """Micro-batch per rank: the global batch is split over ranks and accumulation steps."""
+    if global_batch % (world_size * grad_accum):
+        raise ConfigError(f"{key}={global_batch} is not divisible by the world size {world_size}"
+                          + (f" × distributed.grad_accum {grad_accum}" if grad_accum > 1 else ""))
+    return global_batch // (world_size * grad_accum)
 
 
 def run(cfg: Config) -> Path:
@@ -48,14 +51,15 @@ def run(cfg: Config) -> Path:
     seed_everything(cfg.run.seed)
     # 2. data: each rank its own shard of the global batch
     loader = build_loader(cfg.data, "train", ctx.rank, ctx.world_size,
-                          batch_size=per_rank_batch(cfg.squeeze.batch_size, ctx.world_size, "squeeze.batch_size"),
+                          batch_size=per_rank_batch(cfg.squeeze.batch_size, ctx.world_size, "squeeze.batch_size",
+                                                    cfg.distributed.grad_accum),
                           seed=cfg.run.seed, device=ctx.device)
     num_classes = cfg.data.num_classes or loader.num_classes
     # 3. model from the registry, on its device before the optimiser is built
     model = create_model(cfg.model.name, num_classes=num_classes, width=cfg.model.width,
                          resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std).to(ctx.device)
     objective = build_objective(cfg.objective.name, **cfg.objective.params())
-    total_steps = cfg.squeeze.epochs * len(loader)
+    total_steps = cfg.squeeze.epochs * math.ceil(len(loader) / cfg.distributed.grad_accum)  # optimiser steps
     if cfg.squeeze.max_steps:
         total_steps = min(total_steps, cfg.squeeze.max_steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.squeeze.lr, momentum=cfg.squeeze.momentum,
@@ -64,7 +68,7 @@ def run(cfg: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     # 4. engine wraps model+objective (the objective's extra passes run inside the wrapped forward)
     engine = build_engine(ObjectiveStep(model, objective), optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                          ctx=ctx, grad_clip=cfg.squeeze.grad_clip)
+                          ctx=ctx, grad_clip=cfg.squeeze.grad_clip, global_batch=cfg.squeeze.batch_size)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(dump_config(cfg), out / "config.yaml")

@@ -9,6 +9,7 @@ batch (online mode). AdamW with a cosine schedule; the same resumable loop as sq
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def run(cfg: Config) -> Path:
     dataset = ReplayDataset(distilled, resolution=tmeta["resolution"], plan_fn=plan_for(cfg, distilled),
                             targets_fn=targets_fn)
     workers = 0 if distilled._cache is not None else cfg.data.workers  # cached sets crop fast in-process
-    loader = TorchLoader(dataset, batch_size=per_rank_batch(cfg.train.batch_size, ctx.world_size, "train.batch_size"),
+    micro_batch = per_rank_batch(cfg.train.batch_size, ctx.world_size, "train.batch_size", cfg.distributed.grad_accum)
+    loader = TorchLoader(dataset, batch_size=micro_batch,
                          rank=ctx.rank, world_size=ctx.world_size, seed=cfg.run.seed, train=True, shuffle=False,
                          workers=workers)  # the epoch plan already shuffles
     name = cfg.train.model or cfg.model.name
@@ -60,11 +62,11 @@ def run(cfg: Config) -> Path:
     student = create_model(name, num_classes=tmeta["num_classes"], width=width, resolution=tmeta["resolution"],
                            mean=tmeta["mean"], std=tmeta["std"]).to(ctx.device)
     objective = SoftLabelKD(cfg.train.temperature, teacher=teacher if online else None)
-    total_steps = cfg.train.epochs * len(loader)
+    total_steps = cfg.train.epochs * math.ceil(len(loader) / cfg.distributed.grad_accum)  # optimiser steps
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps))
     engine = build_engine(ObjectiveStep(student, objective), optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                          ctx=ctx)
+                          ctx=ctx, global_batch=cfg.train.batch_size)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(dump_config(cfg), out / "config.yaml")

@@ -4,14 +4,23 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import re
+import socket
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from guardx.errors import ConfigError
+from guardx.errors import ConfigError, GuardxError
 from guardx.utils.misc import pick_device
+
+
+class PeerLostError(GuardxError):
+    """A collective failed: another rank died, was killed, or stalled past ``distributed.timeout_s``."""
 
 
 @dataclass
@@ -46,8 +55,51 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    @contextmanager
+    def on_peer_loss(self, where: Callable[[], str]) -> Iterator[None]:
+        """Turn a failed collective into one clear :class:`PeerLostError` (``where()`` says what was running).
+
+        A killed rank closes its sockets, so the survivors' next collective fails at once; a stalled one
+        makes them fail after ``distributed.timeout_s``. Either way the run ends instead of hanging.
+        """
+        try:
+            yield
+        except Exception as e:
+            if not (self.world_size > 1 and is_collective_failure(e)):
+                raise
+            raise PeerLostError(
+                f"rank {self.rank} of {self.world_size} lost its peers during {where()}: another rank died, "
+                f"was killed or stalled past distributed.timeout_s ({_first_sentence(e)}); rerun the same "
+                "command to resume from the last checkpoint (any world size)") from e
+
+
+# gloo raises plain RuntimeErrors naming itself (peer gone: "Connection reset by peer"; stalled: "Timed out
+# waiting ... for recv"); NCCL's watchdog raises DistBackendError
+_COLLECTIVE_MARKERS = ("gloo", "nccl", "connection reset by peer", "connection closed by peer")
+
+
+def _first_sentence(e: BaseException) -> str:
+    """``[gloo/.../pair.cc:545] Read error [10.0.0.2]:4321: Connection reset by peer. This is ...`` →
+    ``Read error [10.0.0.2]:4321: Connection reset by peer``."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0][:200]
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """True for the errors a dead or stalled peer causes."""
+    if isinstance(e, dist.DistError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _COLLECTIVE_MARKERS)
+
 
 _CONTEXT: DistContext | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(cfg) -> DistContext:
@@ -55,6 +107,7 @@ def init_distributed(cfg) -> DistContext:
 
     A single process (no torchrun) gets a world of one whatever the backend. Under torchrun with
     ``distributed.backend=none`` the ranks would silently duplicate work, so that is an error.
+    DeepSpeed needs a process group even for one rank; without torchrun it gets a local one.
     """
     global _CONTEXT
     if _CONTEXT is not None:
@@ -69,20 +122,33 @@ def init_distributed(cfg) -> DistContext:
     device = pick_device(cfg.run.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        pg_backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(pg_backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    if (world > 1 or backend == "deepspeed") and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # not under torchrun: describe a one-rank world (DeepSpeed reads it)
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                              WORLD_SIZE="1")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
     _CONTEXT = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
     return _CONTEXT
 
 
 def finalize() -> None:
-    """End a distributed run cleanly: barrier → gc → destroy (avoids gloo's exit-time abort race)."""
+    """End a distributed run cleanly: barrier → gc → sleep → destroy.
+
+    The gc + short sleep let gloo's worker threads drop their last tensors before interpreter shutdown
+    (otherwise they can abort the process after a successful run). After a failure the peers may be
+    gone, so no barrier is attempted: the process group is torn down and the error goes through.
+    """
     global _CONTEXT
+    failing = sys.exc_info()[1] is not None  # called from a `finally` while an exception propagates
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        gc.collect()
-        time.sleep(0.2)
-        dist.destroy_process_group()
+        try:
+            if not failing:
+                dist.barrier()
+            gc.collect()
+            time.sleep(0.2)
+            dist.destroy_process_group()
+        except Exception:
+            if not failing:
+                raise
     _CONTEXT = None
