@@ -36,35 +36,51 @@ def _split_dir(cfg, split: str) -> str:
 
 
 class _TensorTrainAug:
-    """RRC + flip on a float (3, H, W) tensor, for in-memory datasets (digits, distilled sets)."""
+    """RRC + flip on a float (3, H, W) tensor, for in-memory datasets (digits)."""
 
     def __init__(self, size: int, scale, flip: bool):
         self.size, self.scale, self.flip = size, scale, flip
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        top, left, h, w = sample_rrc(x.shape[-2], x.shape[-1], self.scale)
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        top, left, h, w = sample_rrc(x.shape[-2], x.shape[-1], self.scale, generator)
         x = resized_crop(x, top, left, h, w, self.size)
-        return x.flip(-1) if self.flip and torch.rand(()) < 0.5 else x
+        return x.flip(-1) if self.flip and torch.rand(1, generator=generator) < 0.5 else x
 
 
 class _TensorResize:
     def __init__(self, size: int):
         self.size = size
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return x if x.shape[-1] == self.size else resized_crop(x, 0, 0, x.shape[-2], x.shape[-1], self.size)
 
 
-def _pil_transform(cfg, train: bool):
-    from torchvision import transforms as T
+class _PILTrainAug:
+    """torchvision's RandomResizedCrop + flip + ToTensor, with the randomness from ``generator``."""
 
-    if train:
-        ops = [T.RandomResizedCrop(cfg.resolution, scale=tuple(cfg.rrc_scale), antialias=True)]
-        if cfg.flip:
-            ops.append(T.RandomHorizontalFlip())
-    else:
-        ops = [T.Resize(int(round(cfg.resolution / cfg.val_crop_ratio))), T.CenterCrop(cfg.resolution)]
-    return T.Compose(ops + [T.ToTensor()])
+    def __init__(self, size: int, scale, flip: bool):
+        self.size, self.scale, self.flip = size, scale, flip
+
+    def __call__(self, img, generator: torch.Generator | None = None) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        top, left, h, w = sample_rrc(img.height, img.width, self.scale, generator)
+        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        if self.flip and torch.rand(1, generator=generator) < 0.5:
+            img = TF.hflip(img)
+        return TF.to_tensor(img)
+
+
+class _PILEval:
+    """Resize(R / val_crop_ratio) + CenterCrop(R) + ToTensor."""
+
+    def __init__(self, size: int, ratio: float):
+        from torchvision import transforms as T
+
+        self.ops = T.Compose([T.Resize(int(round(size / ratio))), T.CenterCrop(size), T.ToTensor()])
+
+    def __call__(self, img, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.ops(img)
 
 
 def build_dataset(cfg, split: str, augment: bool | None = None):
@@ -74,7 +90,8 @@ def build_dataset(cfg, split: str, augment: bool | None = None):
         images, labels = digits_tensors(split)
         tf = _TensorTrainAug(cfg.resolution, cfg.rrc_scale, cfg.flip) if augment else _TensorResize(cfg.resolution)
         return TensorDataset(images, labels, DIGITS_CLASSES, tf)
-    return ImageFolderDataset(_split_dir(cfg, split), _pil_transform(cfg, augment))
+    tf = _PILTrainAug(cfg.resolution, cfg.rrc_scale, cfg.flip) if augment else _PILEval(cfg.resolution, cfg.val_crop_ratio)
+    return ImageFolderDataset(_split_dir(cfg, split), tf)
 
 
 class TorchLoader:
@@ -93,7 +110,7 @@ class TorchLoader:
         self.num_classes = len(self.classes)
         self.batch_size = batch_size
         n = min(len(dataset), limit) if limit else len(dataset)
-        if train and hasattr(dataset, "seed_item"):
+        if train and hasattr(dataset, "item_generator"):
             dataset.seed = seed  # augmentation = f(seed, epoch, index): see SeededAugmentation
         self.sampler = ShardedSampler(n, rank=rank, world_size=world_size, seed=seed,
                                       shuffle=train if shuffle is None else shuffle, pad=train,

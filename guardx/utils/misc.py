@@ -17,6 +17,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reseed(seed: int) -> None:
+    """Reseed torch's default generators in a hot loop: the CPU one, and CUDA's once CUDA is up.
+    (``torch.manual_seed`` would also queue a lazy CUDA seed with a captured stack on every call.)"""
+    torch.random.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
