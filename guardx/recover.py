@@ -156,13 +156,18 @@ def run(cfg: Config) -> Path:
         n_images += len(job)
         bar.set_postfix(img_per_s=f"{n_images * cfg.recover.iterations / (time.perf_counter() - t0):.0f}")
     bar.close()
-    seconds = time.perf_counter() - t0
-    counts = ctx.all_reduce_sum(torch.tensor([n_images, seconds], dtype=torch.float64))
+    # one row per rank (images made, images reused, seconds), summed so every rank holds the table
+    table = torch.zeros(ctx.world_size, 3, dtype=torch.float64)
+    table[ctx.rank] = torch.tensor([n_images, n_done_before, time.perf_counter() - t0], dtype=torch.float64)
+    table = ctx.all_reduce_sum(table)
     ctx.barrier()
     if ctx.is_main:
+        made, seconds = int(table[:, 0].sum()), table[:, 2].tolist()
         write_json({"images": sum(len(j) for j in jobs), "jobs": len(jobs), "world_size": ctx.world_size,
                     "ipc": cfg.recover.ipc, "iterations": cfg.recover.iterations,
-                    "synthesized_this_run": int(counts[0]), "reused": n_done_before,
-                    "rank_seconds_total": float(counts[1]), "classes": classes}, manifest)
+                    "synthesized_this_run": made, "reused": int(table[:, 1].sum()), "rank_seconds": seconds,
+                    # image-iterations per second of the slowest rank: the stage's throughput
+                    "img_iters_per_s": made * cfg.recover.iterations / max(max(seconds), 1e-9),
+                    "classes": classes}, manifest)
     ctx.barrier()
     return root

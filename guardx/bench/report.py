@@ -105,7 +105,8 @@ def render(results: Path) -> str:
                   f"![s/iter against batch size](benchmarks/results/{png}) "
                   f"([table](benchmarks/results/{run['_file'].replace('.json', '.md')}))", ""]
     for run in throughput:
-        lines += [f"### Throughput — {run['env']['device_name']}", "",
+        source = " ".join(run["config"].get("config_files") or []) or "built-in tiny demo settings"
+        lines += [f"### Throughput — {run['env']['device_name']}, {source}", "",
                   "| Part | Throughput | What |", "|---|---|---|"]
         for part, r in run["results"].items():
             if part == "e2e":

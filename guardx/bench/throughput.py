@@ -37,7 +37,7 @@ PARTS = ("squeeze", "recover", "loader", "e2e")
 TINY_DEMO = [
     "data.dataset=digits", "data.resolution=32", "data.rrc_scale=[0.5,1.0]", "data.flip=false",
     "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "model.name=resnet18_small", "model.width=8",
-    "squeeze.epochs=1", "squeeze.batch_size=32", "squeeze.max_steps=10",
+    "squeeze.epochs=1", "squeeze.batch_size=32", "squeeze.max_steps=10", "squeeze.grad_clip=10.0",
     "recover.iterations=20", "recover.ipc=2", "recover.batch_size=20", "recover.jitter=4",
     "relabel.epochs=2", "train.epochs=2", "train.batch_size=20",
     "evaluate.pgd_steps=5", "evaluate.max_samples=40", "evaluate.batch_size=40", "evaluate.eps=[1/255]",

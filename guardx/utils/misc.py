@@ -50,7 +50,8 @@ def interactive() -> bool:
 def check_finite(value: float, *, stage: str, step: int, last_good: str | None) -> None:
     if not math.isfinite(value):
         where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint written yet"
-        raise NonFiniteLossError(f"{stage}: loss became {value} at step {step} (try a lower lr){where}")
+        raise NonFiniteLossError(f"{stage}: loss became {value} at step {step} (lower the learning rate, or clip "
+                                 f"gradients with squeeze.grad_clip){where}")
 
 
 def cosine_lr(step: int, total: int) -> float:
