@@ -209,9 +209,9 @@ class RelabelConfig:
 class TrainConfig:
     model: str = F("", "student architecture; empty = model.name")
     width: int = F(0, "student width; 0 = model.width")
-    epochs: int = F(300, "epochs on the distilled set (<= relabel.epochs in store mode)")
+    epochs: int = F(300, "epochs on the distilled set (store mode reuses the stored epochs cyclically if longer)")
     batch_size: int = F(128, "global batch size")
-    lr: float = F(1e-3, "AdamW learning rate (cosine-decayed per epoch)")
+    lr: float = F(1e-3, "AdamW learning rate (cosine-decayed per step)")
     weight_decay: float = F(0.01, "AdamW weight decay")
     temperature: float = F(20.0, "KL temperature on teacher and student logits")
     keep_checkpoints: int = F(2, "epoch checkpoints kept on disk")
