@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from guardx.errors import ConfigError
+from guardx.errors import ConfigError, did_you_mean
 
 
 def F(default, help: str):  # noqa: A002  (a field with its documentation)
@@ -111,9 +110,8 @@ class ModelConfig:
         from guardx.models import is_model, list_models
 
         if not is_model(self.name):
-            close = difflib.get_close_matches(self.name, list_models(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"model.name={self.name!r} is not a known model{hint}; known: {list_models()}")
+            raise ConfigError(f"model.name={self.name!r} is not a known model{did_you_mean(self.name, list_models())}; "
+                              f"known: {list_models()}")
         _positive("model", "width", self.width)
 
 
@@ -401,9 +399,7 @@ def _build(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for k, v in data.items():
         if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
+            raise ConfigError(f"unknown config key '{prefix}{k}'{did_you_mean(k, names, prefix)}")
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     return cls(**kwargs)
 

@@ -1,4 +1,5 @@
 """Errors a user can act on. The CLI prints them as one line (``guardx: error: ...``) and exits 2."""
+import difflib
 
 
 class GuardxError(Exception):
@@ -21,3 +22,9 @@ class MissingDependencyError(GuardxError):
     def __init__(self, package: str, extra: str, what: str = ""):
         what = f" for {what}" if what else ""
         super().__init__(f"{package} is not installed{what}: pip install 'guardx[{extra}]'")
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""``: the hint every unknown-name error ends with."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""

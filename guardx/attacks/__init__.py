@@ -14,14 +14,13 @@ position in the data, so results do not depend on batching across ranks).
 """
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from guardx.errors import ConfigError
+from guardx.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -60,9 +59,8 @@ def parse_attack(spec: str) -> tuple[str, dict]:
     m = _SPEC.match(spec.strip().lower())
     name, budget = (m.group(1), m.group(2)) if m else (spec, None)
     if name not in _ATTACKS:
-        close = difflib.get_close_matches(spec, [*_ATTACKS, "pgd100"], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown attack {spec!r}{hint}; known: {list_attacks()} (pgd100 = PGD with 100 steps)")
+        raise ConfigError(f"unknown attack {spec!r}{did_you_mean(spec, [*_ATTACKS, 'pgd100'])}; known: "
+                          f"{list_attacks()} (pgd100 = PGD with 100 steps)")
     if budget is None:
         return name, {}
     info = _ATTACKS[name]

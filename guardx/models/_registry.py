@@ -1,10 +1,11 @@
 """Name → factory registry for models."""
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import torch.nn as nn
+
+from guardx.errors import did_you_mean
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -33,9 +34,7 @@ def create_model(name: str, *, num_classes: int, mean=None, std=None, **kwargs) 
     from guardx.models.wrapper import Normalized
 
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, _MODELS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; known: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}{did_you_mean(name, _MODELS)}; known: {', '.join(list_models())}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     net = _MODELS[name](num_classes=num_classes, **kwargs)
     return Normalized(net, mean=mean, std=std)

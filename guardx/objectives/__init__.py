@@ -8,13 +8,13 @@ regularised objectives, ``"reg"``. ``x`` are images in [0, 1]; the model carries
 """
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from guardx.errors import did_you_mean
 from guardx.models.wrapper import split_normalizer
 from guardx.objectives._common import running_stats_mode, stats_dict
 from guardx.objectives.guard import Guard, finish_double_backprop, input_gradient
@@ -38,9 +38,7 @@ def list_objectives() -> list[str]:
 
 def build_objective(name: str, **params) -> Callable:
     if name not in _OBJECTIVES:
-        close = difflib.get_close_matches(name, _OBJECTIVES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown objective {name!r}{hint}; known: {list_objectives()}")
+        raise ValueError(f"unknown objective {name!r}{did_you_mean(name, _OBJECTIVES)}; known: {list_objectives()}")
     params = {k: v for k, v in params.items() if v is not None}
     return _OBJECTIVES[name](**params)
 
