@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from guardx.bench._measure import (device_tag, environment, resolve_device, save
                                    timed_repeats)
 from guardx.models import create_model  # noqa: E402
 from guardx.models._io import load_model  # noqa: E402
+from guardx.utils.misc import parse_fraction  # noqa: E402
 
 ATTACKS = "pgd100,fgsm,mim,cw,square,autoattack"
 PAPER = {"pgd": {}, "fgsm": {}, "mim": {"steps": 20, "decay": 1.0}, "cw": {"c": 1e-5, "steps": 50, "lr": 0.01},
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         budgets.update(mim={"steps": 3}, cw={"steps": 3}, square={"queries": 10},
                        autoattack={"steps": 2, "targets": 2, "square_queries": 10})
     device = resolve_device(a.device)
-    eps = float(Fraction(a.eps))
+    eps = parse_fraction(a.eps)
     torch.manual_seed(0)
     if a.checkpoint:
         model, meta = load_model(a.checkpoint, device)

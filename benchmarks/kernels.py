@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# This file is named kernels.py: put the repository root first so ``import kernels`` finds the package.
+# Run as a script: put the repository root first so this checkout's guardx is the one imported.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     from guardx.bench._measure import device_tag, environment, save_result
-    from kernels import perturb_along_reference, rowwise_sqdist_reference
-    from kernels.perturb import perturb_along_triton
-    from kernels.sqdist import RowwiseSqDist
+    from guardx.kernels import perturb_along_reference, rowwise_sqdist_reference
+    from guardx.kernels.perturb import perturb_along_triton
+    from guardx.kernels.sqdist import RowwiseSqDist
 
     device = torch.device("cuda")
     rows = []

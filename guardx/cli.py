@@ -51,10 +51,12 @@ def _evaluate_overrides(args) -> list[str]:
 
 
 def _number_or_text(v: str):
+    from guardx.utils.misc import parse_fraction
+
     try:
-        return float(v)
+        return parse_fraction(v)
     except ValueError:
-        return v
+        return v  # the config names the bad value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,13 +14,13 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from guardx.errors import ConfigError, did_you_mean
+from guardx.utils.misc import parse_fraction
 
 
 def F(default, help: str):  # noqa: A002  (a field with its documentation)
@@ -355,8 +355,8 @@ def _parse_number(value: Any, want: type) -> Any:
     """Accept ``k/255``-style fractions for floats (ε is written that way in the paper)."""
     if isinstance(value, str) and want is float:
         try:
-            return float(Fraction(value.replace(" ", "")))
-        except (ValueError, ZeroDivisionError):
+            return parse_fraction(value)
+        except ValueError:
             pass
     return value
 

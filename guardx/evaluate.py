@@ -36,7 +36,6 @@ import re
 import shutil
 import time
 import warnings
-from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -47,20 +46,13 @@ from guardx.data import build_loader
 from guardx.distributed import init_distributed
 from guardx.errors import ConfigError, GuardxError
 from guardx.models._io import load_model
+from guardx.utils.env import environment
 from guardx.utils.io import read_json, write_json, write_text
-from guardx.utils.misc import progress
+from guardx.utils.misc import derive_seed, fmt_eps, progress
 
 
 def stage_dir(cfg: Config) -> Path:
     return Path(cfg.evaluate.out_dir) if cfg.evaluate.out_dir else Path(cfg.run.out_dir) / "evaluate"
-
-
-def fmt_eps(eps: float) -> str:
-    """1/255-style label when ε is a multiple of 1/255, else the plain number."""
-    k = eps * 255
-    if abs(k - round(k)) < 1e-6:
-        return f"{round(k)}/255"
-    return str(Fraction(eps).limit_denominator(10000)) if eps else "0"
 
 
 # --------------------------------------------------------------------------- what to run
@@ -132,12 +124,6 @@ def settings(cfg: Config) -> dict:
 
 
 BLOCK_LOG_EVERY_S = 30.0  # how often a rank rewrites its log of finished blocks
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed that is a pure function of ``parts`` (stable across processes and machines)."""
-    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -282,7 +268,7 @@ def evaluate_checkpoint(path: Path, cfg: Config, *, label: str) -> dict:
               "counts": counts, "settings": key_settings, "seconds": seconds, "world_size": ctx.world_size,
               "sharding": "block" if block_mode else "per-rank (reproducible for this world size only)",
               "split": split, "resolution": data_cfg.resolution, "device": str(ctx.device),
-              "environment": _environment()}
+              "environment": environment(ctx.device)}
     ctx.barrier()  # every rank has flushed its block log before rank 0 replaces it with the result
     if ctx.is_main:
         write_json(result, out)
@@ -291,19 +277,6 @@ def evaluate_checkpoint(path: Path, cfg: Config, *, label: str) -> dict:
             partial.parent.rmdir()
     ctx.barrier()
     return result
-
-
-def _environment() -> dict:
-    env = {"torch": torch.__version__}
-    try:
-        import torchattacks
-
-        env["torchattacks"] = torchattacks.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
 
 
 def labelled_paths(specs: list[str], what: str = "evaluate.checkpoints") -> list[tuple[str, Path]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from guardx.utils.checkpoint import Checkpointer
-from guardx.utils.misc import check_finite, progress, reseed
+from guardx.utils.misc import check_finite, derive_seed, progress, reseed
 
 
 @dataclass
@@ -26,10 +26,6 @@ class FitResult:
     seconds: float = 0.0
     samples: int = 0
     history: list = field(default_factory=list)  # per-epoch mean stats
-
-
-def rank_seed(seed: int, epoch: int, position: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + position * 101 + rank) % (2**63 - 1)
 
 
 def fit(*, engine, loader, epochs: int, ckpt: Checkpointer, ctx, stage: str, seed: int, device,
@@ -70,7 +66,7 @@ def fit(*, engine, loader, epochs: int, ckpt: Checkpointer, ctx, stage: str, see
                     # the objective's randomness (e.g. PGD random starts) is a function of the position in
                     # the data, so a resumed run draws what the uninterrupted run would have (the loaders
                     # seed their augmentation per sample the same way)
-                    reseed(rank_seed(seed, epoch, consumed, ctx.rank))
+                    reseed(derive_seed("step", seed, epoch, consumed, ctx.rank))
                     loss, stats = engine(x, y)
                     # stats are host floats already (one sync per micro-batch, inside the objective)
                     check_finite(stats["loss"] if "loss" in stats else stats["ce"], stage=stage, step=step,

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import csv
 import io
-import platform
 import time
 from pathlib import Path
 
-import torch
 
 from guardx import evaluate, recover, relabel, squeeze, train
 from guardx.config import Config, dump_config
 from guardx.distributed import init_distributed
 from guardx.evaluate import metric_names, results_table
+from guardx.utils.env import environment
 from guardx.utils.io import write_json, write_text
 
 STAGE_MODULES = {"squeeze": squeeze, "recover": recover, "relabel": relabel, "train": train, "evaluate": evaluate}
@@ -57,9 +56,7 @@ def run(cfg: Config) -> dict:
                 rows += result
     report = {"rows": rows, "metrics": metric_names(cfg), "seed": cfg.run.seed, "stage_seconds": timings,
               "total_seconds": time.perf_counter() - t0, "config": cfg.to_dict(),
-              "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                              "machine": platform.machine(), "threads": torch.get_num_threads(),
-                              "world_size": ctx.world_size}}
+              "environment": {**environment(ctx.device), "world_size": ctx.world_size}}
     if ctx.is_main:
         write_json(report, base / "report.json")
         write_text(render_markdown(report, cfg), base / "report.md")

@@ -28,7 +28,7 @@ from guardx.models import Normalized
 from guardx.models._io import load_model
 from guardx.squeeze import teacher_path
 from guardx.utils.io import atomic_path, write_json
-from guardx.utils.misc import cosine_lr, interactive, progress
+from guardx.utils.misc import cosine_lr, derive_seed, interactive, progress
 
 
 def stage_dir(cfg: Config) -> Path:
@@ -150,7 +150,7 @@ def run(cfg: Config) -> Path:
             continue
         targets = torch.tensor([c for c, _ in job], device=ctx.device)
         images = synthesize(teacher, targets, cfg, resolution=meta["resolution"],
-                            seed=cfg.run.seed * 1_000_003 + j, show_progress=show and interactive())
+                            seed=derive_seed("recover", cfg.run.seed, j), show_progress=show and interactive())
         for img, path in zip(images, paths):
             save_png(img, path)
         n_images += len(job)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import HAS_TRITON
+from ._dispatch import HAS_TRITON
 
 MAX_BLOCK = 4096  # elements per tile: 16 KiB of fp32 per operand, enough to saturate HBM per program
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import HAS_TRITON, as_rows, check_pair, row_format, use_triton
-from kernels._rowwise import block_for, num_warps_for, sumsq_partials
+from ._dispatch import HAS_TRITON, as_rows, check_pair, row_format, use_triton
+from ._rowwise import block_for, num_warps_for, sumsq_partials
 
 FUSED_MAX = 8192  # row length up to which one program holds the whole row in registers
 
@@ -48,7 +48,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels._rowwise import row_total
+    from ._rowwise import row_total
 
     @triton.jit
     def _row_scale(sq, h):

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import HAS_TRITON, as_rows, check_pair, row_format, use_triton
-from kernels._rowwise import block_for, num_warps_for, sumsq_partials
+from ._dispatch import HAS_TRITON, as_rows, check_pair, row_format, use_triton
+from ._rowwise import block_for, num_warps_for, sumsq_partials
 
 
 # ---------------------------------------------------------------- PyTorch reference

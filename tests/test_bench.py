@@ -111,7 +111,7 @@ def test_throughput_writes_every_part(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["overhead", "--methods", "plain,fast"], "unknown benchmark method"),
     (["sweep", "--resolutions", "32,big"], "--resolutions"),
-    (["overhead", "--pgd-eps", "one/255"], "cannot read"),
+    (["overhead", "--pgd-eps", "one/255"], "is not a number"),
     (["throughput", "--what", "everything"], "--what"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys, tmp_path):

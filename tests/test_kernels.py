@@ -11,10 +11,10 @@ import copy
 import pytest
 import torch
 
-from kernels import kernel_backend, perturb_along, perturb_along_reference, rowwise_sqdist, rowwise_sqdist_reference
-from kernels._dispatch import HAS_TRITON, use_triton
-from kernels.perturb import perturb_along_triton
-from kernels.sqdist import rowwise_sqdist_backward_triton, rowwise_sqdist_forward_triton
+from guardx.kernels import kernel_backend, perturb_along, perturb_along_reference, rowwise_sqdist, rowwise_sqdist_reference
+from guardx.kernels._dispatch import HAS_TRITON, use_triton
+from guardx.kernels.perturb import perturb_along_triton
+from guardx.kernels.sqdist import rowwise_sqdist_backward_triton, rowwise_sqdist_forward_triton
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 

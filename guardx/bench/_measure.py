@@ -1,4 +1,4 @@
-"""What every benchmark shares: the environment record, timers, peak memory, isolated workers, output.
+"""What every benchmark shares: timers, peak memory, isolated workers, output.
 
 Timing: CUDA events around the timed steps, then a synchronize (GPU); ``time.perf_counter`` (CPU).
 Memory:
@@ -10,11 +10,9 @@ Memory:
 """
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -27,80 +25,8 @@ from typing import Callable
 import torch
 
 from guardx.errors import GuardxError
+from guardx.utils.env import REPO_ROOT, cpu_name, device_name, device_tag, environment, git_revision  # noqa: F401
 from guardx.utils.io import write_json, write_text
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-# ---------------------------------------------------------------- environment
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_revision() -> str | None:
-    rev = _git("rev-parse", "HEAD")
-    if rev is None:
-        return None
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    return rev + ("-dirty" if dirty else "")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}"
-
-
-def device_tag(device: torch.device) -> str:
-    """Short file-name-safe tag: ``cpu`` or the GPU's name, e.g. ``nvidia-h100-80gb-hbm3``."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
-def environment(device: torch.device) -> dict:
-    """Everything a reader needs to interpret (or repeat) a timing."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    from kernels import current_backend
-
-    env = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "triton": triton_version, "python": platform.python_version(),
-           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "cpu": cpu_name(),
-           "git_revision": git_revision(), "kernels_backend": current_backend(),
-           "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(cudnn=torch.backends.cudnn.version(), gpu_memory_mib=props.total_memory // 2**20,
-                   capability=f"{props.major}.{props.minor}", cudnn_benchmark=torch.backends.cudnn.benchmark,
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
-                   driver=_nvidia_driver())
-    return env
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 # ---------------------------------------------------------------- timing
@@ -206,7 +132,7 @@ def run_isolated(target: str, spec: dict, *, timeout: float | None = None) -> di
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
-        # the worker must import this very checkout (guardx and the top-level kernels package)
+        # the worker must import this very checkout
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         cmd = [sys.executable, "-m", "guardx.bench._measure", target, str(spec_path), str(out_path)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -34,11 +34,12 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 def parse_eps(text: str | float) -> float:
     """``1/255`` or ``0.0039`` → float."""
+    from guardx.utils.misc import parse_fraction
+
     try:
-        num, _, den = str(text).partition("/")
-        return float(num) / float(den or 1)
-    except (ValueError, ZeroDivisionError):
-        raise GuardxError(f"cannot read {text!r} as a number (use e.g. 1/255 or 0.0039)") from None
+        return parse_fraction(text)
+    except ValueError as e:
+        raise GuardxError(str(e)) from None
 
 
 def method_label(name: str, spec: dict) -> str:
@@ -78,7 +79,7 @@ def parse_methods(text: str) -> list[str]:
 # ---------------------------------------------------------------- the worker (one method, one process)
 def measure_method(spec: dict) -> dict:
     """Time ``spec["method"]`` at every (batch size, resolution) in ``spec["points"]``."""
-    from kernels import kernel_backend
+    from guardx.kernels import kernel_backend
 
     device = torch.device(spec["device"])
     threads, autotune = torch.get_num_threads(), torch.backends.cudnn.benchmark

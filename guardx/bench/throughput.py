@@ -189,7 +189,7 @@ def _measure_parts(args, cfg, overrides: list[str], parts: list[str], device, nu
 def run_throughput(args, progress=print) -> dict:
     from guardx.config import load_config
     from guardx.distributed import finalize
-    from kernels import kernel_backend
+    from guardx.kernels import kernel_backend
 
     for key in ("repeats", "iters"):
         if getattr(args, key) < 1:

@@ -35,6 +35,7 @@ from guardx.data.folder import probe_image, scan_image_folder
 from guardx.data.sharded import ShardedLoaderBase
 from guardx.data.transforms import RATIO
 from guardx.errors import ConfigError, DataError, MissingDependencyError
+from guardx.utils.misc import derive_seed
 
 READER = "reader"
 _FAILED_FILE = re.compile(r"Failed to decode sample #\d+ : (.+)")
@@ -93,8 +94,7 @@ class DALILoader(ShardedLoaderBase):
                             host_memory_padding=140_544_512) if gpu else dict(device="cpu")
 
         @pipeline_def(batch_size=self.batch_size, num_threads=max(1, cfg.workers), device_id=self.device_id,
-                      seed=(self.seed * 1_000_003 + self.epoch * 1_000_033 + self.sampler.start * 7919
-                            + self.rank) % (2**31 - 1),
+                      seed=derive_seed("dali", self.seed, self.epoch, self.sampler.start, self.rank) % (2**31 - 1),
                       prefetch_queue_depth=cfg.dali_prefetch)
         def pipe():
             jpegs, labels_ = fn.readers.file(files=files, labels=labels, shard_id=self.rank,

@@ -16,6 +16,7 @@ from guardx.data.folder import scan_image_folder
 from guardx.data.sampler import epoch_permutation
 from guardx.data.transforms import apply_crop_params, sample_crop_params
 from guardx.errors import DataError
+from guardx.utils.misc import derive_seed
 
 CACHE_LIMIT_BYTES = 2 << 30  # hold the decoded set in memory below 2 GiB (ImageNet ipc 10 at 224 px is 1.5 GB)
 
@@ -57,8 +58,8 @@ class DistilledSet:
 
 def epoch_plan(n: int, height: int, width: int, *, seed: int, epoch: int, scale, flip: bool):
     """``(order int64 (n,), crops int16 (n, 5))``: position k shows image ``order[k]`` cropped by ``crops[k]``."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * epoch + 17)
-    order = epoch_permutation(n, seed + 1, epoch)
+    gen = torch.Generator().manual_seed(derive_seed("crop-plan", seed, epoch))
+    order = epoch_permutation(n, derive_seed("distilled-order", seed), epoch)
     crops = torch.tensor([sample_crop_params(height, width, scale, flip, gen) for _ in range(n)],
                          dtype=torch.int16)
     return order, crops

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from guardx.errors import DataError
+from guardx.utils.misc import derive_seed
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -88,7 +89,7 @@ class SeededAugmentation:
     def item_generator(self, i: int) -> torch.Generator | None:
         if self.seed is None:
             return None
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 1_000_033 + i) % (2**63 - 1))
+        return torch.Generator().manual_seed(derive_seed("augment", self.seed, self.epoch, i))
 
 
 class ImageFolderDataset(SeededAugmentation, torch.utils.data.Dataset):

@@ -11,11 +11,13 @@ import math
 
 import torch
 
+from guardx.utils.misc import derive_seed
+
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
     if not shuffle:
         return torch.arange(n)
-    g = torch.Generator().manual_seed(int(seed) * 100003 + int(epoch))
+    g = torch.Generator().manual_seed(derive_seed("order", int(seed), int(epoch)))
     return torch.randperm(n, generator=g)
 
 

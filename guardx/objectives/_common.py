@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # The row-wise ops GUARD runs every step: Triton on CUDA tensors, their PyTorch references elsewhere.
-from kernels import perturb_along, rowwise_sqdist, unit_direction  # noqa: F401  (re-exported)
+from guardx.kernels import perturb_along, rowwise_sqdist, unit_direction  # noqa: F401  (re-exported)
 
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Dropout)
 

@@ -1,15 +1,47 @@
 """Small shared helpers: seeding, device choice, progress bars, finite-loss checks."""
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import sys
+from fractions import Fraction
 from typing import Iterable
 
 import torch
 from tqdm import tqdm
 
 from guardx.errors import NonFiniteLossError
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (stable across processes, machines and Python
+    versions). Every random stream in guardx is seeded through it with a leading name, e.g.
+    ``derive_seed("augment", seed, epoch, index)``, so no two streams collide by arithmetic accident."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def parse_fraction(value) -> float:
+    """``"1/255"``, ``"0.5"`` or a number → float (ε and α are written as k/255 in the paper); ValueError
+    for anything else."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    if isinstance(value, (int, float)):
+        return float(value)
+    num, slash, den = str(value).replace(" ", "").partition("/")
+    try:
+        return float(num) / float(den) if slash else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{value!r} is not a number (write e.g. 0.5 or 1/255)") from None
+
+
+def fmt_eps(eps: float) -> str:
+    """``1/255``-style label when ε is a multiple of 1/255, else the plain number."""
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return str(Fraction(eps).limit_denominator(10000)) if eps else "0"
 
 
 def seed_everything(seed: int) -> None:
