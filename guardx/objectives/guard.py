@@ -18,6 +18,11 @@ Work shared between passes (why a step costs what it costs; FLOPs in units of on
   graphs freed *before* the cross-entropy forward, then handed to the engine through a zero-valued
   surrogate (:func:`inject`). Peak activation memory is one pass, not three, and DDP/DeepSpeed still see
   a single loss whose ordinary backward carries the whole gradient.
+* in the regulariser's passes BatchNorm runs on running statistics, an affine map: it is folded into the
+  convolution before it (``_fold.py``: W', b' recomputed inside autograd from W, γ, β and the running
+  statistics), so those passes run conv → ReLU — no BatchNorm forward, backward or double backward —
+  with the same gradients. This is why a GUARD step can cost less than its FLOP ratio to a plain step,
+  whose cross-entropy pass keeps train-mode BatchNorm;
 * the per-step row ops, x + h·g/‖g‖ and Σ(gz − g0)², are fused Triton kernels on CUDA tensors
   (``kernels/``; PyTorch references elsewhere): about a third of the memory traffic, and the exact
   regulariser's autograd no longer keeps a copy of gz − g0 alive.
