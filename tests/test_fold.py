@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from guardx.models import Normalized, create_model
 from guardx.objectives import build_objective
 from guardx.objectives._common import running_stats_mode
+from guardx.objectives import _fold
 from guardx.objectives._fold import bn_folding, conv_bn_pairs
 from guardx.objectives.guard import input_gradient
 
@@ -35,6 +36,14 @@ def model(name: str, seed: int = 0):
 def batch(res: int, n: int = 4):
     g = torch.Generator().manual_seed(1)
     return torch.rand(n, 3, res, res, generator=g, dtype=torch.double), torch.randint(0, 5, (n,), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def fold_every_pair(monkeypatch, request):
+    """Exactness is checked with every pair folded (in tiny test models the deep convolutions' weights
+    outweigh their feature maps, which the size rule would leave unfolded)."""
+    if "size_rule" not in request.node.name:
+        monkeypatch.setattr(_fold, "FOLD_OUTPUT_OVER_WEIGHT", 0.0)
 
 
 def run(objective, m, x, y, fold: bool):
@@ -96,6 +105,21 @@ def test_direction_is_the_same_and_batchnorm_does_not_run(name, res, pairs):
     torch.testing.assert_close(g_fold, g_plain, rtol=1e-9, atol=1e-12 * g_plain.abs().max().item())
     assert m.training and all(mod.training for mod in m.modules())  # modes restored, forwards unpatched
     assert not any("forward" in vars(mod) for mod in m.modules())
+
+
+def test_size_rule_keeps_batchnorm_where_the_weight_outweighs_the_feature_map():
+    """Fold iff batch × output pixels ≥ the weight per output channel. resnet18_small, width 4, batch 4 at 8 px."""
+    m = model("resnet18_small").train()
+    x, y = batch(8)
+    names = {c: n for n, c in m.net.named_modules()}
+    with BatchNormOps() as ops, running_stats_mode(m.net):
+        input_gradient(m.net, m.normalize(x), y, create_graph=False)
+        folded = {names[c]: c.forward.fold for c, _ in conv_bn_pairs(m.net)}
+    assert folded["conv1"] and folded["layer1.0.conv1"]  # 4·8·8 = 256 pixels ≥ 3·9, 4·9
+    assert folded["layer2.0.conv1"] and not folded["layer2.0.conv2"]  # 4·4·4 = 64 ≥ 4·9, < 8·9
+    assert folded["layer3.0.downsample.0"] and not folded["layer3.0.conv1"]  # 4·2·2 = 16 ≥ 8·1, < 8·9
+    assert not folded["layer4.0.downsample.0"]  # 4·1·1 = 4 < 16·1
+    assert ops.count == 2 * sum(not f for f in folded.values())  # the kept BatchNorms' forward and backward only
 
 
 class Odd(nn.Module):

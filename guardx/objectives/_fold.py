@@ -34,6 +34,9 @@ import torch
 import torch.nn as nn
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Fold a pair when the convolution's output per channel (batch × output pixels) is at least this many times
+# its weight per output channel; below, BatchNorm's activation passes are cheaper than folding's weight passes.
+FOLD_OUTPUT_OVER_WEIGHT = 1.0
 _PAIRS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, nn.Module]]]" = weakref.WeakKeyDictionary()
 _ENABLED = [True]
 
@@ -90,8 +93,9 @@ def _find_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 @contextmanager
 def folded_batchnorm(model: nn.Module) -> Iterator[int]:
     """Inside, every foldable conv → BN of ``model`` whose BN is in eval mode runs as one folded
-    convolution (the BN becomes the identity). Yields the number of folded pairs. Call it with the
-    model already in running-statistics mode (see ``running_stats_mode``)."""
+    convolution (the BN becomes the identity), where folding is the cheaper of the two (see
+    :class:`_FoldedConv`). Yields the number of pairs taken over. Call it with the model already in
+    running-statistics mode (see ``running_stats_mode``)."""
     patched = []
     for conv, bn in conv_bn_pairs(model):
         if bn.training or bn.running_mean is None or "forward" in vars(conv) or "forward" in vars(bn):
@@ -111,10 +115,16 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 class _FoldedConv:
     """``conv``'s forward with ``bn`` folded in; W', b' computed on first use in the block (one set with
-    autograd recording, one without, so a no-grad pass never hands a graph-less weight to one that needs it)."""
+    autograd recording, one without, so a no-grad pass never hands a graph-less weight to one that needs it).
+
+    Folding is not free: W' = W·s and its backward (∂W = ∂W'·s, ∂s = Σ ∂W'·W) are passes over the weight,
+    where BatchNorm's are passes over the activations. So a convolution whose output (per channel: batch ×
+    output pixels) is smaller than its weight (per output channel) keeps its BatchNorm — ResNet-18's last
+    stages at low resolution, where the weights are large and the feature maps tiny; same function either way.
+    """
 
     def __init__(self, conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm):
-        self.conv, self.bn, self.cache = conv, bn, {}
+        self.conv, self.bn, self.cache, self.fold = conv, bn, {}, None
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = torch.is_grad_enabled()
@@ -130,5 +140,23 @@ class _FoldedConv:
         return self.cache[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold is None:  # decided on the block's first pass (one batch size, one resolution)
+            pixels = x.shape[0] * _output_pixels(self.conv, x.shape[2:])
+            self.fold = pixels >= FOLD_OUTPUT_OVER_WEIGHT * self.conv.weight[0].numel()
+        if not self.fold:  # the convolution, then BatchNorm itself (its module's own forward is the identity here)
+            return type(self.bn).forward(self.bn, self.conv._conv_forward(x, self.conv.weight, self.conv.bias))
         weight, bias = self.weights()
         return self.conv._conv_forward(x, weight, bias)
+
+
+def _output_pixels(conv: nn.Module, size: torch.Size) -> int:
+    """Output pixels (per sample and channel) of ``conv`` on an input of spatial ``size``."""
+    out = 1
+    for i, n in enumerate(size):
+        if isinstance(conv.padding, str):  # "same" keeps the size, "valid" shrinks it by the kernel's reach
+            pad = 0 if conv.padding == "valid" else None
+        else:
+            pad = conv.padding[i]
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        out *= n if pad is None else (n + 2 * pad - d * (k - 1) - 1) // s + 1
+    return out
