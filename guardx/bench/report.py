@@ -58,6 +58,17 @@ def _overhead_block(run: dict) -> list[str]:
             for m in below) + ". The FLOP count sees convolutions and matrix multiplies only: a plain step "
             "also runs train-mode BatchNorm, which GUARD's running-statistics passes fold into the convolutions "
             "(`guardx/objectives/_fold.py`), so those passes cost less per FLOP than a plain step."]
+    ok = [m for m in methods.values() if "time_per_flop_ratio" in m and m["kind"] != "ablation"
+          and m is not methods.get("plain")]
+    if ok:
+        lo, hi = min(m["time_per_flop_ratio"] for m in ok), max(m["time_per_flop_ratio"] for m in ok)
+        saved = [f"{100 * (1 - methods[n]['stats']['median'] / methods[n + '_nofold']['stats']['median']):.0f} % "
+                 f"of a {methods[n]['label'].split(' (')[0]} step" for n in ("guard_lossdiff", "guard_exact")
+                 if n in methods and n + "_nofold" in methods and "stats" in methods[n]
+                 and "stats" in methods[n + "_nofold"]]
+        lines += ["", f"Time against FLOPs: the methods and baselines run at {lo:.2f}–{hi:.2f}× their FLOP ratios "
+                      "here" + (f"; folding BatchNorm saves {' and '.join(saved)} (the A/B rows)" if saved else "")
+                  + "."]
     comp = comparison_lines(run)
     if comp:
         lines += ["", "Each guardx method against the implementation it replaces (same run, medians):", "", *comp]
