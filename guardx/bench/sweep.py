@@ -106,9 +106,9 @@ def plot_sweep(result: dict, path: Path) -> None:
     for ax in list(axes.flat)[len(resolutions):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=7, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), fontsize=7, frameon=False)
     fig.suptitle(f"{cfg['model']} on {result['env']['device_name']}: cost per squeeze iteration")
-    fig.tight_layout(rect=(0, 0.06 + 0.025 * math.ceil(len(labels) / 3), 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.045 * math.ceil(len(labels) / 2) / rows, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
