@@ -79,6 +79,14 @@ class DataConfig:
     dali_decode: str = F("auto", "dali: auto (mixed = nvJPEG on the GPU when the loader's device is CUDA, else cpu) "
                          "| mixed | cpu")
     dali_prefetch: int = F(2, "dali: prefetch queue depth (batches in flight)")
+    val_labels: str = F("", "labels file that makes data.val_dir a flat folder of images (ImageNet's val): lines "
+                            "FILENAME SYNSET, FILENAME INDEX (0-based into the sorted train synsets), Kaggle's "
+                            "LOC_val_solution.csv, or the devkit ground truth (needs val_label_map); empty = "
+                            "val_dir is an ImageFolder")
+    val_label_map: str = F("", "devkit ILSVRC2012_ID -> synset map for integer val labels: the devkit's "
+                               "data/meta.mat (needs scipy) or a text file of 'ID SYNSET' lines (e.g. map_clsloc.txt)")
+    class_names: str = F("", "synset -> display name file (LOC_synset_mapping.txt / words.txt lines "
+                             "'n01440764 tench, Tinca tinca'); empty = the synset ids")
 
     def validate(self):
         _one_of("data", "dataset", self.dataset, ("digits", "imagefolder"))
@@ -99,12 +107,23 @@ class DataConfig:
             raise ConfigError(f"data.ffcv_jpeg_quality must be in [1, 100], got {self.ffcv_jpeg_quality}")
         if not 0 <= self.ffcv_compress_probability <= 1:
             raise ConfigError(f"data.ffcv_compress_probability must be in [0, 1], got {self.ffcv_compress_probability}")
+        if not 0 < self.val_crop_ratio <= 1:
+            raise ConfigError(f"data.val_crop_ratio must be in (0, 1] (0.875: resize 256, crop 224), "
+                              f"got {self.val_crop_ratio}")
+        if self.val_label_map and not self.val_labels:
+            raise ConfigError("data.val_label_map is set but data.val_labels is empty: set data.val_labels to the "
+                              "ground-truth file it maps")
 
 
 @dataclass
 class ModelConfig:
     name: str = F("resnet18", "teacher architecture: resnet18 | resnet18_small | convnet")
     width: int = F(64, "base width (64 = the standard ResNet-18; 128 = the DC/MTT ConvNet)")
+    init: str = F("", "start the teacher from these weights (never downloaded): a local torchvision state_dict, "
+                      "timm checkpoint or guardx model file, or torchvision:resnet18 (torchvision's ImageNet "
+                      "weights in the torch hub cache); empty = random init")
+    init_head: str = F("keep", "model.init's classifier: keep (its class count must match the data) | reset "
+                               "(re-initialise the classifier for this data's classes)")
 
     def validate(self):
         from guardx.models import is_model, list_models
