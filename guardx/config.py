@@ -132,6 +132,7 @@ class ModelConfig:
             raise ConfigError(f"model.name={self.name!r} is not a known model{did_you_mean(self.name, list_models())}; "
                               f"known: {list_models()}")
         _positive("model", "width", self.width)
+        _one_of("model", "init_head", self.init_head, ("keep", "reset"))
 
 
 @dataclass
@@ -168,7 +169,8 @@ class ObjectiveConfig:
 
 @dataclass
 class SqueezeConfig:
-    epochs: int = F(50, "training epochs of the teacher on real data")
+    epochs: int = F(50, "training epochs of the teacher on real data; 0 (with model.init) = the init weights are "
+                        "the teacher (SRe2L's ImageNet-1K baseline)")
     batch_size: int = F(32, "global batch size (split evenly over ranks)")
     lr: float = F(0.025, "SGD learning rate")
     momentum: float = F(0.9, "SGD momentum")
@@ -182,8 +184,8 @@ class SqueezeConfig:
                                        "batches (precise BN); 0 = keep the training-time averages (official)")
 
     def validate(self):
-        for k in ("epochs", "batch_size"):
-            _positive("squeeze", k, getattr(self, k))
+        _positive("squeeze", "epochs", self.epochs, allow_zero=True)  # 0 needs model.init: Config.validate
+        _positive("squeeze", "batch_size", self.batch_size)
         _one_of("squeeze", "schedule", self.schedule, ("cosine", "constant"))
 
 
@@ -356,6 +358,9 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.squeeze.epochs == 0 and not self.model.init:
+            raise ConfigError("squeeze.epochs=0 trains nothing: it needs model.init (pretrained weights that become "
+                              "the teacher, e.g. model.init=torchvision:resnet18)")
         return self
 
     def to_dict(self) -> dict:
