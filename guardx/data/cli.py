@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 
 def register_cli(sub) -> None:
@@ -66,10 +67,10 @@ def _convert(args) -> int:
     if paths and len(paths) != 2:
         raise ConfigError(f"data convert takes SRC DST (got {len(paths)} paths: {paths})")
     eval_s = round(cfg.resolution / cfg.val_crop_ratio)
-    if paths:  # SRC as an ImageFolder, or (--labels) a flat folder labelled by the train classes
+    if paths:  # SRC: a flat folder (--labels) or an ImageFolder, labelled by data.train_dir's classes when given
         src = paths[0]
-        split = resolve_split(replace(cfg, val_dir=src, val_labels=args.labels or ""), "val") \
-            if args.labels else None
+        as_val = args.labels or (cfg.train_dir and Path(cfg.train_dir).resolve() != Path(src).resolve())
+        split = resolve_split(replace(cfg, val_dir=src, val_labels=args.labels or ""), "val") if as_val else None
         jobs = [(src, paths[1], split, args.eval_resize or 0)]
     else:  # val images are labelled by the train classes, and stored resized for the eval transform
         jobs = []

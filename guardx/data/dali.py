@@ -75,6 +75,7 @@ class DALILoader(ShardedLoaderBase):
         super().__init__(len(samples), classes, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                          train=train, shard_block=shard_block)
         self.root, self.cfg, self.augment = root, cfg, augment
+        self.check_command = f"guardx data check {root}"  # what lists every unreadable file of this split
         self.paths = [p for p, _ in samples]
         self.labels = [label for _, label in samples]
         self.decode = decode_mode(cfg.dali_decode, device)
@@ -166,7 +167,7 @@ class DALILoader(ShardedLoaderBase):
             probed = probe_image(path)
             reason = probed if isinstance(probed, str) else "readable by PIL, not by DALI"
         return DataError(f"DALI cannot decode {path} ({reason}); unlike the folder backend DALI cannot skip it: "
-                         f"remove or replace it (`guardx data check {self.root}` lists every unreadable file)")
+                         f"remove or replace it (`{self.check_command}` lists every unreadable file)")
 
 
 def _eval_window(jpegs, crop: int, resize: int):
@@ -217,7 +218,10 @@ def build_dali_loader(cfg, split: str, rank: int = 0, world_size: int = 1, *, ba
 
     train = split == "train"
     found = resolve_split(cfg, split, classes)
-    return DALILoader(found.root, cfg, train=train, augment=train if augment is None else augment,
-                      rank=rank, world_size=world_size, batch_size=batch_size, seed=seed, device=device,
-                      max_samples=max_samples, shard_block=batch_size if shard_block and not train else 0,
-                      samples=found.samples, classes=found.classes)
+    loader = DALILoader(found.root, cfg, train=train, augment=train if augment is None else augment,
+                        rank=rank, world_size=world_size, batch_size=batch_size, seed=seed, device=device,
+                        max_samples=max_samples, shard_block=batch_size if shard_block and not train else 0,
+                        samples=found.samples, classes=found.classes)
+    if found.layout == "flat":
+        loader.check_command = "guardx data check --config ... (with data.val_dir and data.val_labels)"
+    return loader
