@@ -155,7 +155,8 @@ def test_data_check_reports_counts_unreadable_and_one_split_classes(imagenet_tre
     assert f"{val / 'broken.JPEG'}\t" in out
     table = [ln.split("\t") for ln in out.splitlines() if ln.startswith("n0")]
     assert table[0][:2] == ["n01440764", "24"] and table[0][-1] == "tench, Tinca tinca"
-    assert [int(r[2]) for r in table] == [t["val_synsets"].count(s) + (s == t["synsets"][0]) for s in t["synsets"][:9]] + [0]
+    expected = [t["val_synsets"].count(s) + (s == t["synsets"][0]) for s in t["synsets"][:9]] + [0]
+    assert [int(r[2]) for r in table] == expected  # the unreadable file still counts (it is labelled)
     assert "val (" in err and ", flat): 46 images in 9 classes" in err and "1 unreadable" in err
     assert f"1 classes have images in train only: {t['synsets'][-1]}" in err
     # a clean pair passes
@@ -167,56 +168,48 @@ def test_data_check_reports_counts_unreadable_and_one_split_classes(imagenet_tre
 
 
 @needs_backends
-def test_eval_protocol_is_the_same_on_every_backend(imagenet_tree, tmp_path):
+def test_eval_protocol_is_the_same_on_every_backend(imagenet_tree, tmp_path, capsys):
     """Resize 256 + center crop 224 (data.val_crop_ratio=0.875) at 224 px on ImageNet-sized images, CMYK,
     grayscale and PNG-in-.JPEG included: DALI resamples the exact window torchvision reads (within the
-    decoder's rounding), FFCV on a val .beton stored as Resize(256) makes it is the folder backend exactly
-    (raw) or up to the JPEG re-encoding (jpg). Another ratio is followed by all three."""
-    from guardx.data.ffcv import convert_image_folder
+    decoder's rounding); FFCV on a val .beton stored as Resize(256) makes it is the folder backend exactly
+    (raw) or up to the JPEG re-encoding (jpg). Another ratio is followed by all three (FFCV resampling the
+    stored images a second time, with a warning)."""
+    from guardx.cli import main
+    from guardx.data.ffcv import convert_image_folder, read_meta
 
-    t = imagenet_tree
-    for ratio, n in ((0.875, 12), (0.6, 4)):
+    t, n = imagenet_tree, 12  # the first val files hold the CMYK, grayscale and PNG ones
+    raw, jpg = tmp_path / "val-raw.beton", tmp_path / "val-jpg.beton"
+    # the flat folder from the command line (classes from data.train_dir), and a subset through the API
+    assert main(["data", "convert", str(t["val"]), str(raw), f"data.train_dir={t['train']}", "--labels",
+                 str(t["kaggle"]), "--eval-resize", "256", "--write-mode", "raw", "--workers", "1"]) == 0
+    assert "50 images in 10 classes" in capsys.readouterr().out
+    meta = read_meta(raw)
+    assert meta["classes"] == t["synsets"] and meta["layout"] == "flat" and meta["settings"]["eval_resize"] == 256
+    split = resolve_split(data_cfg(t, "data.resolution=224"), "val")
+    split.samples = split.samples[:n]
+    convert_image_folder(t["val"], jpg, split=split, write_mode="jpg", workers=1, show_progress=False, eval_resize=256)
+    for ratio in (0.875, 0.6):
         base = ["data.resolution=224", f"data.val_crop_ratio={ratio}"]
-        split = resolve_split(data_cfg(t, *base), "val")
-        split.samples = split.samples[:n]  # the first files hold the CMYK, grayscale and PNG ones
-        out = {}
-        modes = ("raw", "jpg") if ratio == 0.875 else ("raw",)
-        for mode in modes:
-            beton = tmp_path / f"val-{ratio}-{mode}.beton"
-            convert_image_folder(t["val"], beton, split=split, write_mode=mode, workers=1, show_progress=False,
-                                 eval_resize=round(224 / ratio))
-            cfg = data_cfg(t, *base, "data.backend=ffcv", f"data.ffcv_val={beton}")
-            out[f"ffcv-{mode}"] = _eval_batch(cfg, n)
-        for b in ("folder", "dali"):
-            out[b] = _eval_batch(data_cfg(t, *base, f"data.backend={b}"), n)
+        out = {b: _eval_batch(data_cfg(t, *base, f"data.backend={b}"), n) for b in ("folder", "dali")}
+        if ratio == 0.875:
+            for name, beton in (("ffcv-raw", raw), ("ffcv-jpg", jpg)):
+                out[name] = _eval_batch(data_cfg(t, *base, "data.backend=ffcv", f"data.ffcv_val={beton}"), n)
+        else:
+            with pytest.warns(UserWarning, match="resampling them again"):
+                out["ffcv-twice"] = _eval_batch(data_cfg(t, *base, "data.backend=ffcv", f"data.ffcv_val={raw}"), n)
         ref_x, ref_y = out.pop("folder")
         assert ref_x.shape == (n, 3, 224, 224)
         for name, (x, y) in out.items():
             assert torch.equal(y, ref_y), name
-        assert torch.equal(out["ffcv-raw"][0], ref_x)
         d = (out["dali"][0] - ref_x).abs()
-        assert d.max() <= 2 / 255 + 1e-6 and d.mean() < 0.5 / 255  # decoder/resampler rounding only
-        if "ffcv-jpg" in out:
+        assert d.max() <= 2 / 255 + 1e-6 and d.mean() < 0.5 / 255, ratio  # decoder/resampler rounding only
+        if ratio == 0.875:
+            assert torch.equal(out["ffcv-raw"][0], ref_x)
             assert (out["ffcv-jpg"][0] - ref_x).abs().mean() < 0.02  # JPEG re-encoding at quality 90
-
-
-@needs_backends
-def test_convert_a_flat_val_folder_from_the_command_line(imagenet_tree, tmp_path, capsys):
-    from guardx.cli import main
-    from guardx.data.ffcv import read_meta
-
-    t, out = imagenet_tree, tmp_path / "val.beton"
-    assert main(["data", "convert", str(t["val"]), str(out), f"data.train_dir={t['train']}", "--labels",
-                 str(t["kaggle"]), "--eval-resize", "36", "--workers", "1"]) == 0
-    meta = read_meta(out)
-    assert meta["classes"] == t["synsets"] and meta["num_samples"] == 50 and meta["layout"] == "flat"
-    assert meta["settings"]["eval_resize"] == 36 and "stored at short side 36" in capsys.readouterr().out
-    cfg = data_cfg(t, "data.backend=ffcv", f"data.ffcv_val={out}", "data.resolution=32", "data.val_crop_ratio=0.9")
-    _, y = _eval_batch(cfg, 50)
-    assert [t["synsets"][i] for i in y.tolist()] == t["val_synsets"]
-    with pytest.warns(UserWarning, match="resampling them again"):
-        build_loader(replace(cfg, resolution=48), "val", 0, 1, batch_size=10, augment=False)
-    with pytest.raises(DataError, match="classes in another order"):
+        else:
+            assert (out["ffcv-twice"][0] - ref_x).abs().mean() < 0.02
+    cfg = data_cfg(t, "data.backend=ffcv", f"data.ffcv_val={raw}")
+    with pytest.raises(DataError, match="classes in another order"):  # checked before FFCV compiles anything
         build_loader(cfg, "val", 0, 1, batch_size=10, augment=False, classes=t["synsets"][::-1])
 
 

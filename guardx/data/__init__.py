@@ -9,8 +9,9 @@
 
 Backends: ``digits`` (embedded, in memory), ``folder`` (torchvision-style ImageFolder, PIL decode),
 ``ffcv`` and ``dali`` (see their modules). Which files a split holds, and their labels, comes from
-``guardx.data.splits`` for all three (ImageFolder trees, or a flat val folder with a labels file). Train splits get random-resized-crop + flip; eval splits
-resize + center-crop. Normalisation is not done here: it sits inside the model wrapper.
+``guardx.data.splits`` for all three (ImageFolder trees, or a flat val folder with a labels file).
+Train splits get random-resized-crop + flip; eval splits resize + center-crop with torchvision's
+geometry on every backend. Normalisation is not done here: it sits inside the model wrapper.
 """
 from __future__ import annotations
 

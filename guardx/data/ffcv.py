@@ -14,10 +14,10 @@ Loader (:class:`FFCVLoader`)
     (GPU only) → ``ToTorchImage``; eval: a ``CenterCropRGBImageDecoder`` with torchvision's
     Resize(R/ratio) + CenterCrop(R) geometry (:func:`torchvision_center_crop`). A val .beton written with
     ``eval_resize`` (``guardx data convert`` does it for the val split) already holds the Resize output, so
-    eval only crops and matches the folder backend exactly (raw) or to the JPEG re-encoding (jpg). The last step, uint8 → float in [0, 1],
-    runs on the target device (normalisation itself lives in the model wrapper). Decoding runs in
-    ``data.workers`` numba threads of this process: no worker processes, no IPC. (FFCV also sets
-    torch's intra-op thread count to ``data.workers``, process-wide.)
+    eval only crops and matches the folder backend exactly (raw) or to the JPEG re-encoding (jpg).
+    The last step, uint8 → float in [0, 1], runs on the target device (normalisation itself lives in
+    the model wrapper). Decoding runs in ``data.workers`` numba threads of this process: no worker
+    processes, no IPC. (FFCV also sets torch's intra-op thread count to ``data.workers``, process-wide.)
 
     Order: a custom FFCV ``TraversalOrder`` that reads the same :class:`ShardedSampler` as the folder
     backend (``distributed=True`` sharding with DistributedSampler-style wrap padding, seeded by

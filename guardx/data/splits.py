@@ -106,8 +106,9 @@ def _flat(cfg, root: str, reference: list[str] | None, strict: bool) -> Split:
     from guardx.data.labels import read_val_labels
 
     if reference is None:
+        where = f" ({cfg.train_dir} is not a folder)" if cfg.train_dir else ""
         raise ConfigError("data.val_labels labels a flat folder by the train classes: set data.train_dir (or "
-                          "data.ffcv_train) so guardx knows the class order")
+                          f"data.ffcv_train) so guardx knows the class order{where}")
     if not Path(root).is_dir():
         raise DataError(f"data folder not found: {root}")
     labels = read_val_labels(cfg.val_labels, reference, getattr(cfg, "val_label_map", ""))

@@ -9,8 +9,8 @@ Accepted files (read with ``torch.load(weights_only=True)``, so a file can never
 * a guardx model file (``{"model": state, "meta": ...}``, e.g. another run's ``squeeze/teacher.pt``).
 
 ``torchvision:<model>[.<WEIGHTS>]`` (e.g. ``torchvision:resnet18``) names the file torchvision's own
-weights (the default ones: ``IMAGENET1K_V1`` for resnet18) would be cached as, ``<torch hub dir>/checkpoints/<file>``; if it is
-not there the error gives the URL to fetch and where to put it.
+weights (the default ones: ``IMAGENET1K_V1`` for resnet18) would be cached as,
+``<torch hub dir>/checkpoints/<file>``; if it is not there the error gives the URL to fetch and where.
 
 Every mismatch is one line naming the key, the two shapes and the setting to change. The classifier
 must fit the data (``model.init_head=keep``) unless ``model.init_head=reset`` asks for a fresh one.
