@@ -107,44 +107,63 @@ class ModelConfig:
     width: int = F(64, "base width (64 = the standard ResNet-18; 128 = the DC/MTT ConvNet)")
 
     def validate(self):
-        from guardx.models import is_model, list_models
+        from guardx.models import MODELS
 
-        if not is_model(self.name):
-            raise ConfigError(f"model.name={self.name!r} is not a known model{did_you_mean(self.name, list_models())}; "
-                              f"known: {list_models()}")
+        MODELS.get(self.name, where="model.name")
         _positive("model", "width", self.width)
 
 
-@dataclass
-class ObjectiveConfig:
-    name: str = F("plain", "plain | guard | adv (PGD-k adversarial training) | gradnorm")
-    mode: str = F("exact", "guard: exact (eq. 11, double backprop) | lossdiff (official ImageNet code) | cure (official CIFAR code)")
-    h: float = F(3.0, "guard: discretisation step along z (in units of `space`)")
-    lam: float = F(100.0, "guard exact/cure: regulariser weight lambda")
-    beta: float = F(1e-4, "guard lossdiff: weight of |L(x+hz) - L(x)|")
-    space: str = F("normalized", "where the perturbation acts: normalized (after the model's normaliser) | pixel")
-    eps: float = F(1 / 255, "adv: L-inf radius in pixel units (accepts k/255)")
-    alpha: float = F(0.25 / 255, "adv: PGD step size in pixel units")
-    steps: int = F(10, "adv: PGD steps k")
-    random_start: bool = F(True, "adv: start PGD from a uniform point in the eps-ball")
-    lam_g: float = F(1e-2, "gradnorm: weight lambda_g of ||grad_x loss||^2")
+def _registry_fields(registry, *, owner: str) -> list[tuple[str, type, Any]]:
+    """Config fields for every parameter a registry's entries declare (one field per config key; entries
+    sharing a key must agree on its default). Adding an entry to the registry adds its keys here."""
+    out = []
+    for key, users in registry.all_params().items():
+        defaults = {repr(p.default) for _, p in users}
+        if len(defaults) > 1:
+            raise TypeError(f"{owner}.{key} has different defaults in {[e.name for e, _ in users]}")
+        p = users[0][1]
+        names = ", ".join(e.name for e, _ in users)
+        out.append((key, p.type, F(p.default, f"{names}: {p.help}")))
+    return out
 
+
+def _check_registry_values(section: str, registry, values) -> None:
+    """Range check of every registry-declared key (all entries, not only the selected one)."""
+    for key, users in registry.all_params().items():
+        for _, p in users:
+            p.check(getattr(values, key), f"{section}.{key}")
+
+
+class _ObjectiveMethods:
     def validate(self):
-        _one_of("objective", "name", self.name, ("plain", "guard", "adv", "gradnorm"))
-        _one_of("objective", "mode", self.mode, ("exact", "lossdiff", "cure"))
-        _one_of("objective", "space", self.space, ("normalized", "pixel"))
-        _positive("objective", "steps", self.steps)
+        from guardx.objectives import OBJECTIVES
+
+        OBJECTIVES.get(self.name, where="objective.name")  # unknown name: ConfigError with did-you-mean
+        _check_registry_values("objective", OBJECTIVES, self)
+        try:
+            OBJECTIVES.build(self.name, **self.params())  # the objective validates its own values
+        except ValueError as e:
+            raise ConfigError(f"objective: {e}") from None
 
     def params(self) -> dict:
-        """Keyword arguments for :func:`guardx.objectives.build_objective`."""
-        n = self.name
-        if n == "guard":
-            return dict(mode=self.mode, h=self.h, lam=self.lam, beta=self.beta, space=self.space)
-        if n == "adv":
-            return dict(eps=self.eps, alpha=self.alpha, steps=self.steps, random_start=self.random_start)
-        if n == "gradnorm":
-            return dict(lam_g=self.lam_g, space=self.space)
-        return {}
+        """Keyword arguments for :func:`guardx.objectives.build_objective` (the chosen objective's only)."""
+        from guardx.objectives import OBJECTIVES
+
+        return {p.name: getattr(self, p.key) for p in OBJECTIVES.get(self.name).params.values()}
+
+
+def _objective_section():
+    from guardx.objectives import OBJECTIVES
+
+    names = " | ".join(OBJECTIVES.names())
+    fields = [("name", str, F("plain", f"training objective: {names} (adv = PGD-k adversarial training)"))]
+    cls = dataclasses.make_dataclass("ObjectiveConfig", fields + _registry_fields(OBJECTIVES, owner="objective"),
+                                     bases=(_ObjectiveMethods,))
+    cls.__module__ = __name__  # picklable as guardx.config.ObjectiveConfig
+    return cls
+
+
+ObjectiveConfig = _objective_section()
 
 
 @dataclass
@@ -221,34 +240,17 @@ class TrainConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class _EvaluateBase:
     attacks: list = F(["pgd"], "attacks besides clean accuracy: pgd (pgd_steps steps) or pgd<N> (N steps), fgsm, "
                                "mim, cw, square, autoattack (e.g. pgd100,square,autoattack,cw,mim)")
     eps: list = F([1 / 255], "L-inf radii in pixel units (accepts k/255); cw ignores them (unbounded L2)")
     checkpoints: list = F([], "model files to evaluate, PATH or LABEL=PATH; empty = the run's teacher and student")
     out_dir: str = F("", "results folder; empty = <run.out_dir>/evaluate")
-    pgd_steps: int = F(100, "PGD iterations (PGD-100 in the paper)")
-    pgd_alpha: float = F(0.0, "PGD step size; 0 = eps/4")
-    pgd_random_start: bool = F(True, "PGD random start inside the eps-ball")
-    pgd_early_stop: bool = F(False, "PGD and MIM: keep a sample's first misclassified iterate and stop attacking it "
-                                     "(worst-iterate accuracy, <= last-iterate; much faster at large eps)")
-    mim_steps: int = F(20, "MIM (momentum iterative FGSM) iterations")
-    mim_decay: float = F(1.0, "MIM momentum decay mu")
-    mim_alpha: float = F(0.0, "MIM step size; 0 = eps/4")
-    cw_c: float = F(1e-5, "CW-L2 weight c of the margin term (the paper: 1e-5)")
-    cw_kappa: float = F(0.0, "CW-L2 confidence kappa")
-    cw_steps: int = F(50, "CW-L2 Adam steps (torchattacks' default; the paper gives only c)")
-    cw_lr: float = F(0.01, "CW-L2 Adam learning rate")
-    square_queries: int = F(5000, "Square attack queries per sample (also the Square inside autoattack standard)")
-    square_p_init: float = F(0.8, "Square attack initial fraction of pixels changed per query")
-    autoattack_version: str = F("standard", "standard (APGD-CE, APGD-T, FAB-T, Square) | fast (APGD-CE, APGD-T)")
-    autoattack_steps: int = F(100, "autoattack: iterations of APGD-CE, APGD-T and FAB-T (reference: 100)")
-    autoattack_targets: int = F(9, "autoattack: target classes of APGD-T and FAB-T (reference: 9)")
     batch_size: int = F(256, "evaluation batch size per rank (also the block of samples that shares attack seeds)")
     max_samples: int = F(0, "evaluate the first N test samples only; 0 = the whole split")
 
     def validate(self):
-        from guardx.attacks import parse_attack
+        from guardx.attacks import ATTACKS, parse_attack
 
         if not self.eps or any(isinstance(e, bool) or not isinstance(e, (int, float)) or e < 0 for e in self.eps):
             raise ConfigError(f"evaluate.eps must be a non-empty list of radii >= 0 (numbers or k/255), got {self.eps}")
@@ -258,10 +260,27 @@ class EvaluateConfig:
             parse_attack(spec)
         if len(set(self.attacks)) != len(self.attacks):
             raise ConfigError(f"evaluate.attacks has duplicates: {self.attacks}")
-        for k in ("pgd_steps", "mim_steps", "cw_steps", "square_queries", "autoattack_steps", "autoattack_targets",
-                  "batch_size", "cw_lr"):
-            _positive("evaluate", k, getattr(self, k))
-        _one_of("evaluate", "autoattack_version", self.autoattack_version, ("standard", "fast"))
+        _positive("evaluate", "batch_size", self.batch_size)
+        _check_registry_values("evaluate", ATTACKS, self)
+
+    def attack_params(self, spec: str) -> dict:
+        """The keyword arguments ``spec`` (e.g. ``pgd100``) runs with: its config keys, then its budget suffix."""
+        from guardx.attacks import attack_info, parse_attack
+
+        budget = parse_attack(spec)[1]
+        return {**{p.name: getattr(self, p.key) for p in attack_info(spec).params.values()}, **budget}
+
+
+def _evaluate_section():
+    from guardx.attacks import ATTACKS
+
+    cls = dataclasses.make_dataclass("EvaluateConfig", _registry_fields(ATTACKS, owner="evaluate"),
+                                     bases=(_EvaluateBase,))
+    cls.__module__ = __name__  # picklable as guardx.config.EvaluateConfig
+    return cls
+
+
+EvaluateConfig = _evaluate_section()
 
 
 @dataclass

@@ -65,27 +65,10 @@ class Job:
     params: dict
 
 
-def attack_params(cfg: Config, spec: str) -> dict:
-    """The keyword arguments ``spec`` (e.g. ``pgd100``) runs with: config values, then its budget suffix."""
-    ev = cfg.evaluate
-    name, budget = parse_attack(spec)
-    base = {
-        "pgd": {"steps": ev.pgd_steps, "alpha": ev.pgd_alpha or None, "random_start": ev.pgd_random_start,
-                "early_stop": ev.pgd_early_stop},
-        "mim": {"steps": ev.mim_steps, "decay": ev.mim_decay, "alpha": ev.mim_alpha or None,
-                "early_stop": ev.pgd_early_stop},
-        "cw": {"c": ev.cw_c, "kappa": ev.cw_kappa, "steps": ev.cw_steps, "lr": ev.cw_lr},
-        "square": {"queries": ev.square_queries, "p_init": ev.square_p_init},
-        "autoattack": {"version": ev.autoattack_version, "steps": ev.autoattack_steps,
-                       "targets": ev.autoattack_targets, "square_queries": ev.square_queries},
-    }.get(name, {})
-    return {**base, **budget}
-
-
 def jobs(cfg: Config) -> list[Job]:
     out = []
     for spec in cfg.evaluate.attacks:
-        name, params = parse_attack(spec)[0], attack_params(cfg, spec)
+        name, params = parse_attack(spec)[0], cfg.evaluate.attack_params(spec)
         if attack_info(spec).bounded:
             out += [Job(f"{spec}@{fmt_eps(e)}", name, e, params) for e in cfg.evaluate.eps]
         else:
@@ -101,7 +84,7 @@ def describe(cfg: Config) -> str:
     """One line naming every attack with its settings (for reports)."""
     parts = []
     for spec in cfg.evaluate.attacks:
-        p = attack_params(cfg, spec)
+        p = cfg.evaluate.attack_params(spec)
         parts.append(f"{spec} (" + ", ".join(f"{k}={_short(v)}" for k, v in p.items()) + ")" if p else spec)
     eps = ", ".join(fmt_eps(e) for e in cfg.evaluate.eps)
     return f"attacks: {'; '.join(parts)} · ε ∈ {{{eps}}} (L∞, pixel units; cw: unbounded L2)"
@@ -116,7 +99,7 @@ def _short(v):
 def settings(cfg: Config) -> dict:
     """Everything the numbers depend on (a cached result is reused only when this matches)."""
     return {"attacks": list(cfg.evaluate.attacks), "eps": list(cfg.evaluate.eps),
-            "params": {spec: attack_params(cfg, spec) for spec in cfg.evaluate.attacks},
+            "params": {spec: cfg.evaluate.attack_params(spec) for spec in cfg.evaluate.attacks},
             "metrics": metric_names(cfg), "batch_size": cfg.evaluate.batch_size,
             "max_samples": cfg.evaluate.max_samples, "seed": cfg.run.seed,
             "data": {"dataset": cfg.data.dataset, "backend": cfg.data.backend, "val_dir": cfg.data.val_dir,

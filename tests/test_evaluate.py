@@ -76,7 +76,7 @@ def test_metric_names_budget_suffix_and_unbounded_cw(tmp_path, checkpoint):
     cfg = make_cfg(tmp_path, checkpoint, "evaluate.attacks=[pgd100,cw,square]", "evaluate.eps=[1/255,4/255]")
     assert evaluate.metric_names(cfg) == ["clean", "pgd100@1/255", "pgd100@4/255", "cw", "square@1/255",
                                           "square@4/255"]
-    assert evaluate.attack_params(cfg, "pgd100")["steps"] == 100
+    assert cfg.evaluate.attack_params("pgd100")["steps"] == 100
     with pytest.raises(ConfigError, match="unknown attack"):
         make_cfg(tmp_path, checkpoint, "evaluate.attacks=[pgd,autoatack]")
 

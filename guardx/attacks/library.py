@@ -53,7 +53,10 @@ def _seed(seed: int | None) -> int:
     return 0 if seed is None else int(seed)  # torchattacks takes None as "seed from the clock"
 
 
-@register_attack("square", budget="queries", source="torchattacks")
+@register_attack("square", budget="queries", source="torchattacks", params={
+    "queries": "Square attack queries per sample (also the Square inside autoattack standard)",
+    "p_init": "Square attack initial fraction of pixels changed per query"},
+    ranges={"queries": (1, None), "p_init": (0, 1)})
 def _square(model, x, y, eps, *, queries: int = 5000, p_init: float = 0.8, seed: int | None = None):
     ta = _torchattacks("the square attack")
     atk = ta.Square(model, norm="Linf", eps=eps, n_queries=queries, n_restarts=1, p_init=p_init,
@@ -62,7 +65,12 @@ def _square(model, x, y, eps, *, queries: int = 5000, p_init: float = 0.8, seed:
         return atk(x, y)
 
 
-@register_attack("autoattack", source="torchattacks")
+@register_attack("autoattack", source="torchattacks", keys={"square_queries": "square_queries"}, params={
+    "version": "standard (APGD-CE, APGD-T, FAB-T, Square) | fast (APGD-CE, APGD-T)",
+    "steps": "autoattack: iterations of APGD-CE, APGD-T and FAB-T (reference: 100)",
+    "targets": "autoattack: target classes of APGD-T and FAB-T (reference: 9)",
+    "square_queries": "Square attack queries per sample (also the Square inside autoattack standard)"},
+    ranges={"steps": (1, None), "targets": (1, None), "square_queries": (1, None)})
 def _autoattack(model, x, y, eps, *, version: str = "standard", steps: int = 100, targets: int = 9,
                 square_queries: int = 5000, seed: int | None = None):
     ta = _torchattacks("autoattack")
