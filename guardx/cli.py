@@ -15,9 +15,6 @@ import json
 import os
 import sys
 
-STAGES = ("squeeze", "recover", "relabel", "train", "evaluate")
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
                    help="YAML config (repeatable; later files override earlier ones)")
@@ -62,8 +59,10 @@ def _number_or_text(v: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardx", description="Robust dataset distillation (GUARD) toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=f"run the {stage} stage")
+    from guardx.stages import STAGE_HELP, STAGE_MODULES
+
+    for stage in STAGE_MODULES:
+        p = sub.add_parser(stage, help=STAGE_HELP.get(stage, f"run the {stage} stage"))
         _add_config_args(p)
         if stage == "evaluate":
             _add_evaluate_args(p)
@@ -115,15 +114,18 @@ def _dispatch(args) -> int:
     try:
         if args.command == "pipeline":
             from guardx import pipeline
-            from guardx.pipeline import render_markdown
+            from guardx.report import pipeline_markdown
 
             report = pipeline.run(cfg)
             if int(os.environ.get("RANK", "0")) == 0:
-                print(render_markdown(report, cfg))
+                print(pipeline_markdown(report, cfg))
         else:
-            result = importlib.import_module(f"guardx.{args.command}").run(cfg)
+            from guardx.stages import stage_module
+
+            result = stage_module(args.command).run(cfg)
             if args.command == "evaluate" and int(os.environ.get("RANK", "0")) == 0 and result:
-                from guardx.evaluate import metric_names, results_table
+                from guardx.attacks.plan import metric_names
+                from guardx.report import results_table
 
                 print(results_table(result, metric_names(cfg)))
             elif int(os.environ.get("RANK", "0")) == 0:

@@ -45,9 +45,14 @@ class RunConfig:
     seed: int = F(0, "global seed (each rank offsets it by its rank where randomness must differ)")
     device: str = F("auto", "auto | cpu | cuda")
     progress: bool = F(True, "show tqdm progress bars (rank 0 only)")
+    distiller: str = F("sre2l", "the distiller whose set train and evaluate use (the pipeline sets it per method): "
+                                "sre2l")
 
     def validate(self):
+        from guardx.distill import DISTILLERS
+
         _one_of("run", "device", self.device, ("auto", "cpu", "cuda"))
+        DISTILLERS.get(self.distiller, where="run.distiller")
 
 
 @dataclass
@@ -228,15 +233,24 @@ class TrainConfig:
     width: int = F(0, "student width; 0 = model.width")
     epochs: int = F(300, "epochs on the distilled set (store mode reuses the stored epochs cyclically if longer)")
     batch_size: int = F(128, "global batch size")
-    lr: float = F(1e-3, "AdamW learning rate (cosine-decayed per step)")
-    weight_decay: float = F(0.01, "AdamW weight decay")
-    temperature: float = F(20.0, "KL temperature on teacher and student logits")
+    optimizer: str = F("adamw", "adamw (SRe2L's student) | sgd (DC/MTT's evaluation: with momentum)")
+    lr: float = F(1e-3, "learning rate")
+    momentum: float = F(0.9, "sgd: momentum")
+    weight_decay: float = F(0.01, "weight decay")
+    schedule: str = F("cosine", "learning-rate schedule per step: cosine (SRe2L) | step (x0.1 at half the steps, "
+                                "DC/MTT's evaluation) | constant")
+    temperature: float = F(20.0, "KL temperature on teacher (or stored soft) and student logits")
+    augment: str = F("auto", "hard/soft-label sets: crops (random-resized crop + flip, relabel.rrc_scale/flip) | "
+                             "none; auto = crops. Teacher-labelled sets always replay relabel's crops")
     keep_checkpoints: int = F(2, "epoch checkpoints kept on disk")
 
     def validate(self):
         for k in ("epochs", "batch_size"):
             _positive("train", k, getattr(self, k))
         _positive("train", "temperature", self.temperature)
+        _one_of("train", "optimizer", self.optimizer, ("adamw", "sgd"))
+        _one_of("train", "schedule", self.schedule, ("cosine", "step", "constant"))
+        _one_of("train", "augment", self.augment, ("auto", "crops", "none"))
 
 
 @dataclass
@@ -311,18 +325,19 @@ class DistributedConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = F("sre2l", "label of the method in the report")
-    objective: dict = F({}, "overrides of the `objective` section for this method's squeeze")
-
-
-STAGES = ("squeeze", "recover", "relabel", "train", "evaluate")
+    name: str = F("sre2l", "label of the method in the report (and its run folder)")
+    distiller: str = F("sre2l", "the distiller that makes this method's set")
+    objective: dict = F({}, "overrides of the `objective` section: the objective of the distiller's real-data "
+                            "training (e.g. GUARD in the squeeze)")
+    overrides: dict = F({}, "overrides of any other section for this method, e.g. {train: {lr: 0.01}}")
 
 
 @dataclass
 class PipelineConfig:
-    methods: list = F([{"name": "sre2l", "objective": {"name": "plain"}}],
-                      "methods compared: a list of {name, objective: {...overrides}}")
-    stages: list = F(list(STAGES), "stages the pipeline runs, in order")
+    methods: list = F([{"name": "sre2l", "distiller": "sre2l", "objective": {"name": "plain"}}],
+                      "methods compared: a list of {name, distiller, objective: {...}, overrides: {section: {...}}}")
+    stages: list = F([], "run only these stages of each method (in the method's order); empty = all of them "
+                         "(the distiller's stages, then train and evaluate)")
     eval_teacher: bool = F(True, "also evaluate each teacher on the test split")
 
     def __post_init__(self):
@@ -332,11 +347,21 @@ class PipelineConfig:
             _build(ObjectiveConfig, m.objective, f"pipeline.methods.{m.name}.objective.").validate()
 
     def validate(self):
+        from guardx.distill import DISTILLERS
+        from guardx.stages import STAGE_MODULES
+
         for s in self.stages:
-            _one_of("pipeline", "stages", s, STAGES)
+            _one_of("pipeline", "stages", s, STAGE_MODULES)
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ConfigError(f"pipeline.methods names must be unique, got {names}")
+        for m in self.methods:
+            DISTILLERS.get(m.distiller, where=f"pipeline.methods.{m.name}.distiller")
+            bad = [k for k in m.overrides if k in ("objective", "pipeline")]
+            if bad:
+                raise ConfigError(f"pipeline.methods.{m.name}.overrides: set {bad[0]} through the method's own "
+                                  f"`objective` field" if bad[0] == "objective" else
+                                  f"pipeline.methods.{m.name}.overrides cannot change the pipeline section")
 
 
 @dataclass
@@ -361,11 +386,21 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def with_objective(self, overrides: dict) -> "Config":
-        """A copy whose ``objective`` section has ``overrides`` applied (a pipeline method)."""
+    def with_overrides(self, overrides: dict) -> "Config":
+        """A validated copy with ``{section: {key: value}}`` applied on top (a pipeline method's settings)."""
         data = self.to_dict()
-        data["objective"].update(overrides)
+        for section, values in overrides.items():
+            if section not in data:
+                names = [f.name for f in dataclasses.fields(self)]
+                raise ConfigError(f"unknown config section {section!r}{did_you_mean(section, names)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"overrides of section {section!r} must be a mapping, got {values!r}")
+            data[section].update(values)
         return from_dict(data)
+
+    def with_objective(self, overrides: dict) -> "Config":
+        """A copy whose ``objective`` section has ``overrides`` applied."""
+        return self.with_overrides({"objective": overrides})
 
 
 # --------------------------------------------------------------------------- parsing
