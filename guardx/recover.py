@@ -112,11 +112,13 @@ def run(cfg: Config) -> Path:
     manifest = paths.manifest("recover")
     if manifest.is_file():
         return paths.recover_images
+    # 1. distributed context; 2. the frozen teacher on this rank's device
     ctx = init_distributed(cfg)
     teacher, meta = load_model(paths.teacher, ctx.device)
     for p in teacher.parameters():
         p.requires_grad_(False)  # gradients flow to the images only
     classes = meta["classes"]
+    # 3. the work: every rank plans the same global job list and takes every W-th job (no communication)
     jobs = plan_jobs(meta["num_classes"], list(cfg.recover.classes), cfg.recover.ipc, cfg.recover.batch_size)
     mine = list(range(ctx.rank, len(jobs), ctx.world_size))
     root = paths.recover_images

@@ -46,6 +46,7 @@ def run(cfg: Config) -> Path:
             write_json({"mode": "online"}, manifest)
         ctx.barrier()
         return out
+    # 1. the frozen teacher and the distilled set; 2. rank r labels epochs r, r+W, ... not yet on disk
     teacher, meta = load_model(paths.teacher, ctx.device)
     distilled = DistilledSet(paths.distilled_images, meta["classes"])
     plan = crop_plan(cfg, distilled)
