@@ -47,6 +47,9 @@ class RunConfig:
     progress: bool = F(True, "show tqdm progress bars (rank 0 only)")
     distiller: str = F("sre2l", "the distiller whose set train and evaluate use (the pipeline sets it per method): "
                                 "sre2l")
+    deterministic: bool = F(False, "PyTorch's deterministic algorithms (torch.use_deterministic_algorithms, cuDNN "
+                                   "autotuning off): the same numbers on the same machine and software, at some speed "
+                                   "cost; across CPUs/BLAS builds numbers still differ (see the README)")
 
     def validate(self):
         from guardx.distill import DISTILLERS

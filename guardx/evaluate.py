@@ -85,10 +85,10 @@ def evaluate_checkpoint(path: Path, cfg: Config, *, label: str) -> dict:
     log = BlockLog(partial, ctx.rank)
     ctx.barrier()  # every rank has read the logs before any rank rewrites its own
     t0 = time.perf_counter()
-    acc, counts, block_mode = evaluate_model(model, loader, cfg, ctx, desc=f"evaluate {label}", log=log)
+    acc, counts, block_mode, per_sample = evaluate_model(model, loader, cfg, ctx, desc=f"evaluate {label}", log=log)
     seconds = time.perf_counter() - t0
     result = {"label": label, "checkpoint": str(path), "architecture": meta.get("name"), "accuracy": acc,
-              "counts": counts, "settings": key_settings, "seconds": seconds, "world_size": ctx.world_size,
+              "counts": counts, "per_sample": per_sample, "settings": key_settings, "seconds": seconds, "world_size": ctx.world_size,
               "sharding": "block" if block_mode else "per-rank (reproducible for this world size only)",
               "split": split, "resolution": data_cfg.resolution, "device": str(ctx.device),
               "environment": environment(ctx.device)}

@@ -69,6 +69,12 @@ def test_robust_accuracy_never_exceeds_clean_and_reports_are_complete(tmp_path, 
     saved = json.loads((out / "results.json").read_text())
     assert saved["seed"] == cfg.run.seed and saved["settings"]["params"]["cw"]["c"] == 1e-5
     assert saved["rows"][0]["counts"] == counts
+    from guardx.attacks.accuracy import unpack_bits
+
+    for metric, bits in row["per_sample"].items():  # per-sample results add up to the counts, attacked ⊆ clean
+        flags = unpack_bits(bits, acc["n"])
+        assert int(flags.sum()) == counts[metric]
+        assert not (flags & ~unpack_bits(row["per_sample"]["clean"], acc["n"])).any()
     lines = (out / "results.csv").read_text().splitlines()
     assert lines[0].startswith("method,model,checkpoint,metric,attack,eps,params,seed") and len(lines) == 1 + len(names)
     assert "| tiny | convnet |" in (out / "results.md").read_text()
@@ -180,4 +186,5 @@ def test_two_ranks_give_the_same_counts_as_one(tmp_path, checkpoint):
     assert b["world_size"] == 2 and b["sharding"] == "block"
     assert a["accuracy"]["n"] == b["accuracy"]["n"] == 16
     assert a["counts"] == b["counts"]
+    assert a["per_sample"] == b["per_sample"]  # the same images, not only the same totals
     assert a["counts"]["clean"] > a["counts"]["pgd@4/255"]  # the attacks did something

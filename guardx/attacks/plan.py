@@ -49,7 +49,7 @@ def _short(key: str, v):
 
 def settings(cfg) -> dict:
     """Everything the numbers depend on (a cached result is reused only when this matches)."""
-    return {"attacks": list(cfg.evaluate.attacks), "eps": list(cfg.evaluate.eps),
+    return {"format": 2, "attacks": list(cfg.evaluate.attacks), "eps": list(cfg.evaluate.eps),
             "params": {spec: cfg.evaluate.attack_params(spec) for spec in cfg.evaluate.attacks},
             "metrics": metric_names(cfg), "batch_size": cfg.evaluate.batch_size,
             "max_samples": cfg.evaluate.max_samples, "seed": cfg.run.seed,
