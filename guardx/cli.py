@@ -29,8 +29,10 @@ def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="results folder (evaluate.out_dir)")
 
 
-def _evaluate_overrides(args) -> list[str]:
-    """The evaluate flags as config overrides (JSON values, so paths and k/255 pass through YAML unchanged)."""
+def _flag_overrides(args) -> list[str]:
+    """Command-line flags as config overrides (JSON values, so paths and k/255 pass through YAML unchanged)."""
+    if args.command == "pipeline" and args.seeds is not None:
+        return [f"run.seeds=[{args.seeds}]"]
     if args.command != "evaluate":
         return []
     out = []
@@ -66,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         if stage == "evaluate":
             _add_evaluate_args(p)
-    _add_config_args(sub.add_parser("pipeline", help="run all stages for every method and write the report"))
+    p = sub.add_parser("pipeline", help="run all stages for every method (and seed) and write the report")
+    _add_config_args(p)
+    p.add_argument("--seeds", metavar="LIST", help="e.g. 0,1,2: every method once per seed (run.seeds)")
     p = sub.add_parser("config", help="print the resolved config, or the config reference")
     p.add_argument("--reference", action="store_true", help="print every key with its default and meaning")
     _add_config_args(p)
@@ -105,7 +109,7 @@ def _dispatch(args) -> int:
     if args.command == "config" and args.reference:
         print(reference_markdown())
         return 0
-    cfg = load_config(args.config, args.overrides + _evaluate_overrides(args))
+    cfg = load_config(args.config, args.overrides + _flag_overrides(args))
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0

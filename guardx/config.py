@@ -43,6 +43,8 @@ def _positive(section: str, key: str, value, allow_zero: bool = False) -> None:
 class RunConfig:
     out_dir: str = F("runs/guardx", "run directory; every stage writes under it")
     seed: int = F(0, "global seed (each rank offsets it by its rank where randomness must differ)")
+    seeds: list = F([], "pipeline: run every method once per seed, each in <out_dir>/<method>/seed<k>/, and report "
+                        "mean, spread and paired confidence intervals; empty = run.seed only")
     device: str = F("auto", "auto | cpu | cuda")
     progress: bool = F(True, "show tqdm progress bars (rank 0 only)")
     distiller: str = F("sre2l", "the distiller whose set train and evaluate use (the pipeline sets it per method): "
@@ -55,6 +57,9 @@ class RunConfig:
         from guardx.distill import DISTILLERS
 
         _one_of("run", "device", self.device, ("auto", "cpu", "cuda"))
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds) \
+                or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"run.seeds must be distinct integers >= 0, got {self.seeds}")
         DISTILLERS.get(self.distiller, where="run.distiller")
 
 
@@ -342,6 +347,8 @@ class PipelineConfig:
     stages: list = F([], "run only these stages of each method (in the method's order); empty = all of them "
                          "(the distiller's stages, then train and evaluate)")
     eval_teacher: bool = F(True, "also evaluate each teacher on the test split")
+    baseline: str = F("", "the method every other is compared with (paired difference, 95% CI, verdict); "
+                          "empty = the first method")
 
     def __post_init__(self):
         self.methods = [m if isinstance(m, MethodConfig) else _build(MethodConfig, m, "pipeline.methods.")
@@ -358,6 +365,9 @@ class PipelineConfig:
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ConfigError(f"pipeline.methods names must be unique, got {names}")
+        if self.baseline and self.baseline not in names:
+            raise ConfigError(f"pipeline.baseline={self.baseline!r} is not one of the methods "
+                              f"{names}{did_you_mean(self.baseline, names)}")
         for m in self.methods:
             DISTILLERS.get(m.distiller, where=f"pipeline.methods.{m.name}.distiller")
             bad = [k for k in m.overrides if k in ("objective", "pipeline")]

@@ -17,19 +17,21 @@ from guardx.attacks.plan import metric_names
 from guardx.config import Config, dump_config
 from guardx.distill import DISTILLERS
 from guardx.distributed import init_distributed
-from guardx.report import write_pipeline_report
+from guardx.report import summarize, write_pipeline_report
 from guardx.stages import stage_module
 from guardx.utils.env import environment
 from guardx.utils.io import write_text
 
 
-def method_config(cfg: Config, method) -> Config:
+def method_config(cfg: Config, method, seed: int | None = None) -> Config:
     """The config ``method``'s stages run with: its overrides and objective, its distiller's adjustments,
-    its own run folder."""
+    its own run folder (``<out_dir>/<method>``, or ``<out_dir>/<method>/seed<k>`` for one of ``run.seeds``)."""
     mcfg = cfg.with_overrides({**method.overrides, "objective": method.objective})
     mcfg.run.distiller = method.distiller
     mcfg = DISTILLERS.build(method.distiller, mcfg)
-    mcfg.run.out_dir = str(Path(cfg.run.out_dir) / method.name)
+    mcfg.run.out_dir = str(Path(cfg.run.out_dir) / method.name / (f"seed{seed}" if seed is not None else ""))
+    if seed is not None:
+        mcfg.run.seed = seed
     # each method evaluates its own teacher/student into its own run dir (evaluate.checkpoints/out_dir are
     # for standalone `guardx evaluate`)
     mcfg.evaluate.checkpoints, mcfg.evaluate.out_dir = [], ""
@@ -50,22 +52,28 @@ def run(cfg: Config) -> dict:
         write_text(dump_config(cfg), base / "config.yaml")
     t0 = time.perf_counter()
     rows, timings = [], {}
-    for method in cfg.pipeline.methods:
-        mcfg = method_config(cfg, method)
-        for stage in method_stages(cfg, method):
-            if ctx.is_main and cfg.run.progress:
-                print(f"[{method.name}] {stage}", flush=True)
-            ts = time.perf_counter()
-            result = stage_module(stage).run(mcfg)
-            timings[f"{method.name}/{stage}"] = time.perf_counter() - ts
-            if stage == "evaluate":
-                for r in result:
-                    r.update(method=method.name, distiller=method.distiller,
-                             objective={"name": mcfg.objective.name, **mcfg.objective.params()})
-                rows += result
-    report = {"rows": rows, "metrics": metric_names(cfg), "seed": cfg.run.seed, "stage_seconds": timings,
-              "total_seconds": time.perf_counter() - t0, "config": cfg.to_dict(),
-              "environment": {**environment(ctx.device), "world_size": ctx.world_size}}
+    seeds = cfg.run.seeds or [None]  # None: the single run.seed, in the method's own folder
+    for seed in seeds:
+        for method in cfg.pipeline.methods:
+            mcfg = method_config(cfg, method, seed)
+            tag = method.name + (f" seed {seed}" if seed is not None else "")
+            for stage in method_stages(cfg, method):
+                if ctx.is_main and cfg.run.progress:
+                    print(f"[{tag}] {stage}", flush=True)
+                ts = time.perf_counter()
+                result = stage_module(stage).run(mcfg)
+                timings[f"{method.name}/{stage}" + (f"/seed{seed}" if seed is not None else "")] = \
+                    time.perf_counter() - ts
+                if stage == "evaluate":
+                    for r in result:
+                        r.update(method=method.name, distiller=method.distiller, seed=mcfg.run.seed,
+                                 run_dir=mcfg.run.out_dir,
+                                 objective={"name": mcfg.objective.name, **mcfg.objective.params()})
+                    rows += result
+    report = {"rows": rows, "metrics": metric_names(cfg), "seeds": [s for s in seeds if s is not None]
+              or [cfg.run.seed], "stage_seconds": timings, "total_seconds": time.perf_counter() - t0,
+              "config": cfg.to_dict(), "environment": {**environment(ctx.device), "world_size": ctx.world_size}}
+    report.update(summarize(report, cfg))
     if ctx.is_main:
         write_pipeline_report(report, cfg, base)
     return report

@@ -163,7 +163,7 @@ def test_pipeline_smoke_and_rerun_skips(tiny_cfg, capsys):
         [("sre2l", "teacher"), ("sre2l", "student"), ("guard", "teacher"), ("guard", "student")]
     out = pipeline.Path(cfg.run.out_dir)
     md = (out / "report.md").read_text()
-    assert "| guard | student |" in md and "seed 0" in md
+    assert "| guard | student | 1 |" in md and "seeds 0" in md and "guard − sre2l" in md
     import csv
 
     rows = list(csv.DictReader((out / "report.csv").open()))  # one line per method x model x metric
