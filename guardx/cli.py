@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run all stages for every method (and seed) and write the report")
     _add_config_args(p)
     p.add_argument("--seeds", metavar="LIST", help="e.g. 0,1,2: every method once per seed (run.seeds)")
+    p = sub.add_parser("report", help="rebuild report.{md,csv,html} of a finished pipeline run from its report.json")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the pipeline's run.out_dir")
     p = sub.add_parser("config", help="print the resolved config, or the config reference")
     p.add_argument("--reference", action="store_true", help="print every key with its default and meaning")
     _add_config_args(p)
@@ -108,6 +110,11 @@ def _dispatch(args) -> int:
         return args.handler(args) or 0
     if args.command == "config" and args.reference:
         print(reference_markdown())
+        return 0
+    if args.command == "report":
+        from guardx.report import rebuild
+
+        print(f"wrote {rebuild(args.run_dir)}")
         return 0
     cfg = load_config(args.config, args.overrides + _flag_overrides(args))
     if args.command == "config":

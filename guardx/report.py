@@ -147,7 +147,26 @@ def pipeline_markdown(report: dict, cfg) -> str:
 
 
 def write_pipeline_report(report: dict, cfg, out: Path) -> None:
-    """``<out>/report.{md,json,csv}`` of a pipeline run."""
+    """``<out>/report.{md,json,csv,html}`` of a pipeline run."""
+    from guardx.html_report import write_html
+
     write_json(report, out / "report.json")
     write_text(pipeline_markdown(report, cfg), out / "report.md")
     write_text(results_csv(report["rows"], cfg), out / "report.csv")
+    write_html(report, cfg, out)
+
+
+def rebuild(run_dir: Path) -> Path:
+    """``guardx report RUN_DIR``: rewrite a finished pipeline run's report files from its ``report.json``."""
+    from guardx.config import from_dict
+    from guardx.errors import DataError
+    from guardx.utils.io import read_json
+
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise DataError(f"no report.json in {run_dir}: point `guardx report` at a finished pipeline's run.out_dir")
+    report = read_json(path)
+    cfg = from_dict(report["config"])
+    report.update(summarize(report, cfg))
+    write_pipeline_report(report, cfg, Path(run_dir))
+    return Path(run_dir) / "report.html"
