@@ -9,7 +9,8 @@ images and the step size — minus the optimiser step, data and expert loading. 
 ``exact`` and ``first_order`` (TESLA, see ``guardx.distill.mtt``). Each (mode, N) runs in a fresh process:
 a warm-up iteration with N = 1 (libraries, allocator), then the peak is reset and one iteration with N is
 measured. Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the process's peak RSS on CPU
-(see ``guardx.bench._measure``), reported as the growth over the memory held before the iteration.
+(see ``guardx.bench._measure``), reported as the growth over the memory held before the iteration; on CPU the
+workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that RSS follows the live tensors.
 Alongside, a device-independent number: the peak bytes autograd holds as saved tensors
 (:class:`SavedTensorMeter`) — the activation memory the graph needs, without allocator effects.
 TESLA also keeps θ_0..θ_N (N·P floats; P is printed) — parameters, not activations.
@@ -17,7 +18,9 @@ TESLA also keeps θ_0..θ_N (N·P floats; P is printed) — parameters, not acti
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -94,8 +97,6 @@ def measure(spec: dict) -> dict:
     synchronize(device)
     base = current_memory_mib(device)
     reset_peak_memory(device)
-    import time
-
     t0 = time.perf_counter()
     matcher(spec["mode"], *args)
     synchronize(device)
@@ -115,7 +116,7 @@ def render(result: dict) -> str:
              f"{s['classes']} classes × {s['ipc']} ipc, batch_syn {s['batch_syn'] or 'all'}, fp32, "
              f"{result['points'][0]['num_params']} parameters (P); {s['threads']} thread(s); torch {env['torch']}, "
              f"git {env['git_revision']}.", "",
-             f"Memory: {result['memory_kind']}, growth over the memory held before the iteration; each point a fresh "
+             f"Memory: {result['memory_kind']}{result['malloc']}, growth over the memory held before the iteration; each point a fresh "
              "process (warm-up iteration with N = 1 first). `saved` = peak bytes autograd holds for backward "
              "(device-independent). TESLA also keeps θ_0..θ_N: N·P·4 bytes "
              f"({result['points'][0]['num_params'] * 4 / 2**20:.3f} MiB per step here).", "",
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    # CPU: fixed mmap threshold, so glibc hands freed activations back to the OS at once and the peak RSS
+    # follows the live tensors (with its dynamic threshold, freed blocks stay in the heap and a flat
+    # computation shows a growing RSS); the workers inherit it
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     spec = {"device": str(device), "width": args.width, "depth": args.depth, "resolution": args.resolution,
             "classes": args.classes, "ipc": args.ipc, "batch_syn": args.batch_syn, "threads": args.threads}
     points = []
@@ -153,12 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{point['saved_peak_mib']:8.2f} MiB  {point['seconds']:.2f} s", file=sys.stderr)
     load = None
     try:
-        import os
-
         load = "load average {:.2f} {:.2f} {:.2f} on {} cores".format(*os.getloadavg(), os.cpu_count())
     except OSError:
         pass
-    result = {"spec": spec, "points": points, "memory_kind": memory_kind(device), "load": load,
+    malloc = "" if device.type == "cuda" else f" with MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
+    result = {"spec": spec, "points": points, "memory_kind": memory_kind(device), "malloc": malloc, "load": load,
               "environment": environment(device)}
     stem = f"mtt-memory-{device_tag(device)}"
     json_path, md_path = save_result(args.out, stem, result, render(result))
