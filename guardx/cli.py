@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add their own commands (``guardx bench``, ``guardx analyze``, ``guardx data``): each has
 # ``register_cli(subparsers)``, which adds a sub-parser with ``set_defaults(handler=fn)``; ``fn(args)``
 # returns an exit code. They import their heavy dependencies inside the handler, not at import time.
-_EXTENSIONS: list[str] = [m for m in ("guardx.bench.cli", "guardx.analysis.cli", "guardx.data.cli")
+_EXTENSIONS: list[str] = [m for m in ("guardx.bench.cli", "guardx.analysis.cli", "guardx.data.cli", "guardx.distill.cli")
                           if importlib.util.find_spec(m.rsplit(".", 1)[0]) is not None
                           and importlib.util.find_spec(m) is not None]
 

@@ -139,6 +139,7 @@ def run(cfg: Config) -> Path:
     if (out / "manifest.json").is_file():
         return out
     bcfg = cfg.buffers
+    augment = build_augment(bcfg.dsa_strategy)  # first: a missing DSA module fails before any work
     # 1. distributed context (ranks share nothing but the file system and the final barriers)
     ctx = init_distributed(cfg)
     # 2. the real training split in memory, and the input space (ZCA fitted once, by rank 0)
@@ -147,10 +148,9 @@ def run(cfg: Config) -> Path:
     num_classes = cfg.data.num_classes or len(classes)
     zca_file = _prepare_zca(cfg, images, out, ctx)
     space = input_space(cfg.data, zca_file).to(ctx.device)
-    # 3. what every expert shares: architecture, objective (plain = MTT; guard = GUARD(MTT)), augmentation
+    # 3. what every expert shares: architecture, objective (plain = MTT; guard = GUARD(MTT))
     spec = model_spec(bcfg, num_classes=num_classes, resolution=resolution)
     objective = build_objective(cfg.objective.name, **cfg.objective.params())
-    augment = build_augment(bcfg.dsa_strategy)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(dump_config(cfg), out / "config.yaml")
