@@ -240,13 +240,16 @@ def run(cfg: Config) -> Path:
         raise ConfigError(f"the experts in {bdir} were trained {'with' if zca_file else 'without'} ZCA but "
                           f"buffers.zca={str(cfg.buffers.zca).lower()}: match it, or point mtt.buffers_dir elsewhere")
     space = input_space(cfg.data, zca_file).to(device)
-    if zca_file is None and list(cfg.data.mean) != bman["input_space"]["mean"]:
+    if zca_file is None and [list(cfg.data.mean), list(cfg.data.std)] != [bman["input_space"]["mean"],
+                                                                         bman["input_space"]["std"]]:
         raise ConfigError(f"data.mean/std differ from those the experts in {bdir} were trained with")
     flat = FlatModel(build_model(bman["model"]).to(device).train())
     for p in flat.model.parameters():
         p.requires_grad_(False)  # the parameters come from the flat vectors, never from the module
     experts = _Experts(bdir, bman, mc.max_experts)
     check_compatible(flat, experts.get(0), experts.paths[0])
+    if mc.label_mode == "learn" and mc.label_expert >= len(experts):
+        raise ConfigError(f"mtt.label_expert={mc.label_expert} but the buffers hold {len(experts)} experts")
     num_classes, classes = bman["num_classes"], bman["classes"]
     augment = build_augment(mc.dsa_strategy)
     matcher = Matcher(flat, augment)
