@@ -60,10 +60,6 @@ def load_real(data_cfg, split: str = "train", *, resolution: int = 0,
     return torch.cat(xs), torch.cat(ys), list(dataset.classes)
 
 
-def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.float().div_(255)
-
-
 # ---------------------------------------------------------------- input space
 class InputSpace:
     """Pixels in [0, 1] ↔ the tensors the experts see: ``(x - mean) / std``, or ZCA-whitened pixels."""
