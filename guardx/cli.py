@@ -131,9 +131,11 @@ def _dispatch(args) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(pipeline_markdown(report, cfg))
         else:
+            from guardx.distill import DISTILLERS
             from guardx.stages import stage_module
 
-            result = stage_module(args.command).run(cfg)
+            # a stage runs with the config its run's distiller adjusts (as in the pipeline), e.g. tesla sets mtt.tesla
+            result = stage_module(args.command).run(DISTILLERS.build(cfg.run.distiller, cfg))
             if args.command == "evaluate" and int(os.environ.get("RANK", "0")) == 0 and result:
                 from guardx.attacks.plan import metric_names
                 from guardx.report import results_table

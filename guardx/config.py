@@ -249,16 +249,22 @@ class TrainConfig:
                                 "DC/MTT's evaluation) | constant")
     temperature: float = F(20.0, "KL temperature on teacher (or stored soft) and student logits")
     augment: str = F("auto", "hard/soft-label sets: crops (random-resized crop + flip, relabel.rrc_scale/flip) | "
-                             "none; auto = crops. Teacher-labelled sets always replay relabel's crops")
+                             "dsa (DC/MTT's differentiable siamese augmentation, train.dsa_strategy) | none; "
+                             "auto = crops. Teacher-labelled sets always replay relabel's crops")
+    dsa_strategy: str = F("color_crop_cutout_flip_scale_rotate", "train.augment=dsa: DSA's transforms (DC's default)")
+    recipe: str = F("auto", "auto: where the distilled set's manifest carries its authors' student recipe (MTT, "
+                            "TESLA, DC: optimiser, lr such as MTT's learned one, epochs, batch, augmentation, loss), "
+                            "train with it; config: always the train.* values")
     keep_checkpoints: int = F(2, "epoch checkpoints kept on disk")
 
     def validate(self):
+        _one_of("train", "recipe", self.recipe, ("auto", "config"))
         for k in ("epochs", "batch_size"):
             _positive("train", k, getattr(self, k))
         _positive("train", "temperature", self.temperature)
         _one_of("train", "optimizer", self.optimizer, ("adamw", "sgd"))
         _one_of("train", "schedule", self.schedule, ("cosine", "step", "constant"))
-        _one_of("train", "augment", self.augment, ("auto", "crops", "none"))
+        _one_of("train", "augment", self.augment, ("auto", "crops", "dsa", "none"))
 
 
 @dataclass
@@ -390,6 +396,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    buffers: "BuffersConfig" = field(default_factory=lambda: BuffersConfig())
+    mtt: "MTTConfig" = field(default_factory=lambda: MTTConfig())
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -543,3 +551,88 @@ def reference_markdown() -> str:
             out.append(f"| `{f.name}` | `{shown}` | {meaning} |")
         out.append("")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- trajectory matching (MTT, TESLA)
+# Defaults are the authors' code defaults (MTT buffer.py/distill.py, TESLA distill.py); per dataset/ipc
+# settings live in configs/mtt/*.yaml with their sources.
+
+@dataclass
+class BuffersConfig:
+    num_experts: int = F(100, "expert networks trained on real data (MTT: 100)")
+    epochs: int = F(50, "training epochs per expert; parameters are kept after each (MTT: 50)")
+    batch_size: int = F(256, "expert batch size (MTT: batch_train 256)")
+    lr: float = F(0.01, "expert SGD learning rate, constant (MTT: lr_teacher 0.01)")
+    momentum: float = F(0.0, "expert SGD momentum (MTT: 0)")
+    weight_decay: float = F(0.0, "expert SGD weight decay (MTT: l2 0)")
+    grad_clip: float = F(0.0, "max gradient norm of an expert step; 0 disables (GUARD exact may need it on fresh nets)")
+    model: str = F("convnet", "expert architecture (MTT/TESLA: convnet); also the distillers' student network")
+    width: int = F(128, "expert width (MTT's ConvNet: 128)")
+    depth: int = F(0, "expert depth; 0 = the model's default for the resolution (MTT: ConvNet = D3 at 32 px, "
+                      "ConvNetD4 at 64 px, ConvNetD5 at 128 px)")
+    resolution: int = F(0, "image size the experts and the MTT/TESLA set use; 0 = data.resolution (MTT: 128 px "
+                           "for ImageNet subsets, while SRe2L runs at 224)")
+    zca: bool = F(False, "ZCA-whiten the inputs instead of mean/std normalisation (MTT --zca; at most 64 px)")
+    zca_eps: float = F(0.1, "ZCA regularisation added to the covariance eigenvalues (MTT: kornia eps 0.1)")
+    dsa_strategy: str = F("color_crop_cutout_flip_scale_rotate", "DSA augmentation of every expert batch "
+                          "(MTT's default strategy); none = no augmentation")
+
+    def validate(self):
+        for k in ("num_experts", "epochs", "batch_size", "width"):
+            _positive("buffers", k, getattr(self, k))
+        for k in ("lr", "zca_eps"):
+            _positive("buffers", k, getattr(self, k))
+        for k in ("momentum", "weight_decay", "grad_clip", "depth", "resolution"):
+            _positive("buffers", k, getattr(self, k), allow_zero=True)
+        from guardx.models import is_model, list_models
+
+        if not is_model(self.model):
+            raise ConfigError(f"buffers.model={self.model!r} is not a known model{did_you_mean(self.model, list_models())}; "
+                              f"known: {list_models()}")
+
+
+@dataclass
+class MTTConfig:
+    tesla: bool = F(False, "TESLA: constant-memory gradient (mtt.tesla_grad) and soft labels (mtt.labels=auto "
+                           "-> assign); writes <run>/tesla instead of <run>/mtt")
+    ipc: int = F(10, "synthetic images per class")
+    iterations: int = F(5000, "distillation iterations (MTT: Iteration 5000)")
+    syn_steps: int = F(20, "N: student SGD steps on synthetic data per iteration (MTT: syn_steps)")
+    expert_epochs: int = F(3, "M: the student is matched to the expert M epochs after its start (MTT: expert_epochs)")
+    max_start_epoch: int = F(25, "start epochs are drawn uniformly from [0, max_start_epoch) (MTT: max_start_epoch, "
+                                 "np.random.randint(0, T+))")
+    lr_img: float = F(1000.0, "SGD learning rate of the synthetic images, momentum 0.5 (MTT: lr_img)")
+    lr_lr: float = F(1e-5, "SGD learning rate of the learnable synthetic step size, momentum 0.5 (MTT: lr_lr)")
+    lr_teacher: float = F(0.01, "initial synthetic step size (MTT: lr_teacher)")
+    batch_syn: int = F(0, "synthetic images per student step; 0 = all of them (MTT: batch_syn)")
+    init: str = F("real", "synthetic image initialisation: real (random real images of the class) | noise (MTT: pix_init)")
+    dsa_strategy: str = F("color_crop_cutout_flip_scale_rotate", "DSA augmentation of each student step's batch; none = off")
+    labels: str = F("auto", "auto (hard for MTT, assign for TESLA) | hard | assign (TESLA: softmax of the sampled "
+                            "expert's target-epoch logits on the current images, every iteration) | learn (logits "
+                            "initialised from an expert, then learned with the images)")
+    lr_label: float = F(2.0, "labels=learn: SGD learning rate of the label logits, momentum 0.5")
+    label_expert: int = F(0, "labels=learn: the expert whose logits (at epoch max_start_epoch + expert_epochs) "
+                             "initialise the labels")
+    tesla_grad: str = F("exact", "tesla: exact (reverse pass through the N steps, recomputing each step: the unrolled "
+                                 "gradient with one step's activations) | first_order (TESLA's public code: drops "
+                                 "the Hessian terms that couple steps)")
+    max_experts: int = F(0, "use only the first N experts of the buffers; 0 = all")
+    buffers_dir: str = F("", "expert buffers to match; empty = <run.out_dir>/buffers")
+    ckpt_every: int = F(100, "checkpoint the synthetic set every N iterations (and at the end)")
+    keep_checkpoints: int = F(2, "checkpoints kept on disk (the newest)")
+
+    def validate(self):
+        for k in ("ipc", "iterations", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_teacher",
+                  "ckpt_every", "keep_checkpoints"):
+            _positive("mtt", k, getattr(self, k))
+        for k in ("lr_lr", "lr_label", "batch_syn", "label_expert", "max_experts"):
+            _positive("mtt", k, getattr(self, k), allow_zero=True)
+        _one_of("mtt", "init", self.init, ("real", "noise"))
+        _one_of("mtt", "labels", self.labels, ("auto", "hard", "assign", "learn"))
+        _one_of("mtt", "tesla_grad", self.tesla_grad, ("exact", "first_order"))
+
+    @property
+    def label_mode(self) -> str:
+        if self.labels == "auto":
+            return "assign" if self.tesla else "hard"
+        return self.labels

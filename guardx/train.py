@@ -20,6 +20,7 @@ import torch
 
 from guardx.config import Config, dump_config
 from guardx.data import TorchLoader
+from guardx.data.zca import ZCA
 from guardx.data.distilled import DistilledSet, LabelledSet, ReplayDataset, crop_plan, expand_logits
 from guardx.distributed import build_engine, init_distributed, per_rank_batch
 from guardx.errors import DataError
@@ -40,9 +41,27 @@ def _read_manifest(path: Path, what: str) -> dict:
     return read_json(path)
 
 
+def student_recipe(cfg: Config, manifest: dict) -> Config:
+    """``cfg`` with ``train.*`` set from the set's ``student`` recipe (``train.recipe=auto``): how the
+    distiller's authors train a student on their sets (e.g. MTT: SGD at the learned lr, step decay)."""
+    recipe = manifest.get("student") if cfg.train.recipe == "auto" else None
+    if not recipe:
+        return cfg
+    keys = ("optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "augment", "dsa_strategy")
+    values = {k: recipe[k] for k in keys if k in recipe}
+    if "lr_decay" in recipe:  # x factor from a given epoch: guardx's step schedule (x0.1 at half the steps)
+        values["schedule"] = "step"
+    if recipe.get("loss") == "soft_ce":  # cross-entropy to softmax(stored logits) = KL at temperature 1
+        values["temperature"] = 1.0
+    return cfg.with_overrides({"train": values})
+
+
 def training_data(cfg: Config, paths: RunLayout, manifest: dict, device):
     """``(dataset, objective)`` for the set's kind of labels (see the module docstring)."""
     distilled = DistilledSet(paths.distilled_images, manifest["classes"])
+    if manifest.get("exact_tensors"):  # float pixels the PNGs can only approximate
+        exact = load_torch(paths.distilled / manifest["exact_tensors"])
+        distilled.use_exact(exact["images"], exact["paths"], paths.distilled)
     resolution = manifest["resolution"]
     if manifest["labels"] == "teacher":
         relabel = _read_manifest(paths.manifest("relabel"), "relabel manifest")
@@ -55,19 +74,49 @@ def training_data(cfg: Config, paths: RunLayout, manifest: dict, device):
         dataset = ReplayDataset(distilled, resolution=resolution, plan_fn=crop_plan(cfg, distilled),
                                 targets_fn=None if online else targets)
         return dataset, SoftLabelKD(cfg.train.temperature, teacher=teacher)
-    augment = cfg.train.augment != "none"
+    crops = cfg.train.augment in ("auto", "crops")
     if manifest["labels"] == "hard":
-        return LabelledSet(distilled, distilled.labels, resolution=resolution, augment=augment,
-                           scale=cfg.relabel.rrc_scale, flip=cfg.relabel.flip), build_objective("plain")
-    soft = load_torch(paths.distilled / manifest["soft_labels"])
+        return LabelledSet(distilled, distilled.labels, resolution=resolution, augment=crops,
+                           scale=cfg.relabel.rrc_scale, flip=cfg.relabel.flip), _augmented(cfg, build_objective("plain"))
+    soft = load_torch(paths.distilled / manifest["soft_labels"])  # paths relative to the set's folder
     by_path = dict(zip(soft["paths"], soft["logits"]))
-    rel = [str(Path(p).relative_to(paths.distilled_images)) for p in distilled.paths]
+    rel = [Path(p).relative_to(paths.distilled).as_posix() for p in distilled.paths]
     missing = [r for r in rel if r not in by_path]
     if missing:
         raise DataError(f"{paths.distilled / manifest['soft_labels']} has no soft label for {missing[0]}")
     logits = torch.stack([torch.as_tensor(by_path[r]).float() for r in rel])
-    return LabelledSet(distilled, logits, resolution=resolution, augment=augment, scale=cfg.relabel.rrc_scale,
-                       flip=cfg.relabel.flip), SoftLabelKD(cfg.train.temperature)
+    return LabelledSet(distilled, logits, resolution=resolution, augment=crops, scale=cfg.relabel.rrc_scale,
+                       flip=cfg.relabel.flip), _augmented(cfg, SoftLabelKD(cfg.train.temperature))
+
+
+class DSAObjective:
+    """``objective`` on a DSA-augmented batch (``train.augment=dsa``): one random transform per batch, its seed
+    drawn from the generator the training loop reseeds at every step (so a resumed run draws the same)."""
+
+    backward_in_forward = None
+
+    def __init__(self, objective, dsa):
+        self.objective, self.dsa = objective, dsa
+
+    def __repr__(self) -> str:
+        return f"DSA({self.objective!r})"
+
+    def __call__(self, model, x, targets):
+        seed = int(torch.randint(0, 2**62, (1,)))
+        return self.objective(model, self.dsa(x, seed), targets)
+
+
+def _augmented(cfg: Config, objective):
+    if cfg.train.augment != "dsa":
+        return objective
+    from guardx.errors import ConfigError
+
+    try:
+        from guardx.data.dsa import DSA
+    except ImportError:
+        raise ConfigError("train.augment=dsa needs guardx.data.dsa, which this checkout lacks; "
+                          "set train.augment=crops or none") from None
+    return DSAObjective(objective, DSA(strategy=cfg.train.dsa_strategy))
 
 
 def run(cfg: Config) -> Path:
@@ -80,6 +129,7 @@ def run(cfg: Config) -> Path:
     seed_everything(cfg.run.seed)
     # 2. data: the distilled set with its labels, each rank its shard of the global batch
     manifest = _read_manifest(paths.distilled_manifest, "distilled set manifest")
+    cfg = student_recipe(cfg, manifest)
     dataset, objective = training_data(cfg, paths, manifest, ctx.device)
     workers = 0 if dataset.distilled.cached else cfg.data.workers  # cached sets crop fast in-process
     micro_batch = per_rank_batch(cfg.train.batch_size, ctx.world_size, "train.batch_size", cfg.distributed.grad_accum)
@@ -89,8 +139,9 @@ def run(cfg: Config) -> Path:
     # 3. the student from the registry, on its device before the optimiser is built
     name = cfg.train.model or cfg.model.name
     width = cfg.train.width or cfg.model.width
+    whiten = ZCA.from_state(load_torch(paths.distilled / manifest["zca"])) if manifest.get("zca") else None
     student = create_model(name, num_classes=manifest["num_classes"], width=width, resolution=manifest["resolution"],
-                           mean=manifest["mean"], std=manifest["std"]).to(ctx.device)
+                           mean=manifest["mean"], std=manifest["std"], whiten=whiten).to(ctx.device)
     total_steps = cfg.train.epochs * math.ceil(len(loader) / cfg.distributed.grad_accum)  # optimiser steps
     if cfg.train.optimizer == "sgd":
         optimizer = torch.optim.SGD(student.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
@@ -111,6 +162,8 @@ def run(cfg: Config) -> Path:
         meta = model_meta(cfg, name=name, width=width, num_classes=manifest["num_classes"],
                           classes=manifest["classes"])
         meta.update(resolution=manifest["resolution"], mean=manifest["mean"], std=manifest["std"])
+        if whiten is not None:
+            meta["zca"] = {"shape": list(whiten.shape), "eps": whiten.eps}
         write_json({"objective": repr(objective), "labels": manifest["labels"], "steps": result.steps,
                     "epochs": result.epochs_done, "distilled_images": len(dataset), "seconds_this_run": result.seconds,
                     "history": result.history}, paths.metrics("train"))

@@ -65,6 +65,7 @@ class DistilledSet:
         with Image.open(self.paths[0]) as im:
             self.size = im.size[1], im.size[0]
         self._cache: torch.Tensor | None = None
+        self._exact: torch.Tensor | None = None
         if len(self.paths) * 3 * self.size[0] * self.size[1] <= CACHE_LIMIT_BYTES:
             self._cache = torch.stack([self._decode(i) for i in range(len(self.paths))])
 
@@ -74,7 +75,7 @@ class DistilledSet:
     @property
     def cached(self) -> bool:
         """True when the decoded set is held in memory (crops are then cheap in-process)."""
-        return self._cache is not None
+        return self._cache is not None or self._exact is not None
 
     def _decode(self, i: int) -> torch.Tensor:
         with Image.open(self.paths[i]) as im:
@@ -82,9 +83,21 @@ class DistilledSet:
         return arr.view(self.size[0], self.size[1], 3).permute(2, 0, 1).contiguous()
 
     def image(self, i: int) -> torch.Tensor:
-        """float (3, H, W) in [0, 1]."""
+        """float (3, H, W): the PNG's pixels in [0, 1], or the exact tensor (see :meth:`use_exact`)."""
+        if self._exact is not None:
+            return self._exact[i].clone()
         raw = self._cache[i] if self._cache is not None else self._decode(i)
         return raw.float().div_(255)
+
+    def use_exact(self, images: torch.Tensor, rel_paths: list[str], base: Path) -> None:
+        """Serve the distiller's exact float pixels (e.g. MTT's, which leave [0, 1] and lose bits in an
+        8-bit PNG) instead of the PNGs; ``rel_paths[k]`` (relative to ``base``) names image ``k``."""
+        index = {p: k for k, p in enumerate(rel_paths)}
+        order = [index.get(Path(p).relative_to(base).as_posix()) for p in self.paths]
+        if None in order:
+            missing = self.paths[order.index(None)]
+            raise DataError(f"the exact tensors in {base} lack the image {missing}")
+        self._exact = images[torch.tensor(order)].float()
 
 
 def crop_plan(cfg, distilled: "DistilledSet"):

@@ -15,7 +15,7 @@ A distiller is one registry entry: a function ``configure(cfg) -> cfg`` (the con
 e.g. CDA switches recover to its crop curriculum; most return ``cfg`` unchanged) with capabilities
 
 * ``stages``: the stages that produce the set, in order (then ``train`` and ``evaluate`` follow),
-* ``output``: the stage whose folder holds the set,
+* ``output``: the folder (under the run) that holds the set,
 * ``labels``: what its manifest says (``teacher`` | ``hard`` | ``soft``),
 * ``teacher``: True when a squeeze teacher exists to evaluate beside the student.
 
@@ -33,15 +33,28 @@ def register_distiller(name: str, *, stages: tuple[str, ...], output: str, label
                        help: str = ""):  # noqa: A002
     if labels not in ("teacher", "hard", "soft"):
         raise ValueError(f"distiller {name!r}: labels must be teacher, hard or soft, got {labels!r}")
-    if output not in stages:
-        raise ValueError(f"distiller {name!r}: output stage {output!r} is not one of its stages {stages}")
     return DISTILLERS.register(name, stages=tuple(stages), output=output, labels=labels, teacher=teacher, help=help)
 
 
 @register_distiller("sre2l", stages=("squeeze", "recover", "relabel"), output="recover", labels="teacher",
                     teacher=True, help="SRe2L (Yin et al. 2023): squeeze a teacher, recover images from its "
                                        "BatchNorm statistics, relabel random crops with its soft labels")
-def sre2l(cfg):
+def configure_sre2l(cfg):
+    return cfg
+
+
+@register_distiller("mtt", stages=("buffers", "mtt"), output="mtt", labels="hard", teacher=False,
+                    help="MTT (Cazenavette et al. 2022): match expert training trajectories (buffers) with a few "
+                         "steps on the synthetic set and a learned step size")
+def configure_mtt(cfg):
+    cfg.mtt.tesla = False
+    return cfg
+
+
+@register_distiller("tesla", stages=("buffers", "mtt"), output="tesla", labels="soft", teacher=False,
+                    help="TESLA (Cui et al. 2023): MTT's objective with a constant-memory gradient and soft labels")
+def configure_tesla(cfg):
+    cfg.mtt.tesla = True
     return cfg
 
 

@@ -26,11 +26,13 @@ def is_model(name: str) -> bool:
     return name in MODELS
 
 
-def create_model(name: str, *, num_classes: int, mean=None, std=None, **kwargs) -> nn.Module:
-    """Build ``name`` wrapped in :class:`Normalized` (identity normalisation when mean/std are None).
+def create_model(name: str, *, num_classes: int, mean=None, std=None, whiten: nn.Module | None = None,
+                 **kwargs) -> nn.Module:
+    """Build ``name`` wrapped in :class:`Normalized` (identity normalisation when mean/std are None; ``whiten``,
+    e.g. a ZCA, replaces mean/std).
 
     ``None`` kwargs are dropped so a factory's defaults stay in effect (timm's convention).
     """
     from guardx.models.wrapper import Normalized
 
-    return Normalized(MODELS.build(name, num_classes=num_classes, **kwargs), mean=mean, std=std)
+    return Normalized(MODELS.build(name, num_classes=num_classes, **kwargs), mean=mean, std=std, whiten=whiten)
