@@ -275,3 +275,42 @@ def test_presets_load(preset):
     assert cfg.mtt.ipc == int(preset.rsplit("ipc", 1)[1].split(".")[0])
     assert cfg.buffers.model == "convnet" and cfg.buffers.width == 128 and cfg.buffers.depth in (3, 4, 5)
     assert cfg.mtt.max_start_epoch + cfg.mtt.expert_epochs <= cfg.buffers.epochs
+
+
+@pytest.mark.slow
+def test_mtt_and_tesla_sets_train_students_through_the_pipeline(tmp_path):
+    """The distiller interface end to end: buffers → mtt/tesla → the shared train (its authors' recipe: the
+    learned lr, hard or soft labels, exact float pixels, ZCA inside the student) → evaluate."""
+    from guardx import pipeline
+    from guardx.models._io import load_model
+
+    cfg = load_config(None, [*BASE, f"run.out_dir={tmp_path}", "model.name=convnet", "model.width=8",
+                             "train.epochs=2", "train.batch_size=10", "evaluate.max_samples=20",
+                             "evaluate.batch_size=20", "evaluate.attacks=[pgd3]", "train.recipe=auto",
+                             "pipeline.methods=[{name: mtt, distiller: mtt, overrides: {buffers: {zca: true}}}, "
+                             "{name: tesla, distiller: tesla}]"])
+    # the recipe's 1000 epochs / DSA would take minutes: keep the rest of it (sgd, learned lr, loss)
+    import guardx.train as train_stage
+
+    real = train_stage.student_recipe
+    train_stage.student_recipe = lambda c, m: real(c, m).with_overrides({"train": {"epochs": 2, "augment": "none",
+                                                                                   "batch_size": 10}})
+    try:
+        report = pipeline.run(cfg)
+    finally:
+        train_stage.student_recipe = real
+    assert [(r["method"], r["model"]) for r in report["rows"]] == [("mtt", "student"), ("tesla", "student")]
+    for method, labels in (("mtt", "hard"), ("tesla", "soft")):
+        manifest = json.loads((tmp_path / method / method / "manifest.json").read_text())
+        assert manifest["labels"] == labels
+        metrics = json.loads((tmp_path / method / "train" / "metrics.json").read_text())
+        assert metrics["labels"] == labels and metrics["steps"] == 2 * 2  # 20 images, batch 10, 2 epochs
+        student, meta = load_model(tmp_path / method / "train" / "student.pt")
+        assert (meta.get("zca") is not None) == (method == "mtt")  # ZCA travels inside the saved student
+        if method == "mtt":
+            assert student.whiten is not None and torch.count_nonzero(student.whiten.matrix) > 0
+        import yaml
+
+        used = yaml.safe_load((tmp_path / method / "train" / "config.yaml").read_text())["train"]
+        assert used["optimizer"] == "sgd" and used["lr"] == pytest.approx(manifest["syn_lr"])  # the learned lr
+        assert metrics["objective"].startswith("Plain" if labels == "hard" else "SoftLabelKD(T=1")
