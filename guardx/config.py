@@ -72,6 +72,9 @@ class DataConfig:
     ffcv_train: str = F("", "FFCV .beton of the training split (backend=ffcv)")
     ffcv_val: str = F("", "FFCV .beton of the validation split (backend=ffcv)")
     num_classes: int = F(0, "number of classes; 0 = infer from the data")
+    holdout: float = F(0.0, "fraction of the training split held out (stratified, fixed) for model selection: "
+                            "training uses the rest, evaluate.split=holdout evaluates on it; the test split is "
+                            "never used for choices (digits and folder backends)")
     resolution: int = F(224, "training/eval crop size in pixels")
     val_crop_ratio: float = F(0.875, "eval: resize to resolution/ratio, then center-crop resolution")
     rrc_scale: list = F([0.08, 1.0], "train: RandomResizedCrop area range")
@@ -97,6 +100,10 @@ class DataConfig:
         _one_of("data", "dataset", self.dataset, ("digits", "imagefolder"))
         _one_of("data", "backend", self.backend, ("folder", "ffcv", "dali"))
         _positive("data", "resolution", self.resolution)
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"data.holdout must be in [0, 1), got {self.holdout}")
+        if self.holdout and self.dataset == "imagefolder" and self.backend != "folder":
+            raise ConfigError(f"data.holdout needs data.backend=folder (got {self.backend})")
         _positive("data", "workers", self.workers, allow_zero=True)
         if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             raise ConfigError(f"data.rrc_scale must be [min, max] with 0 < min <= max <= 1, got {self.rrc_scale}")
@@ -276,6 +283,8 @@ class _EvaluateBase:
     out_dir: str = F("", "results folder; empty = <run.out_dir>/evaluate")
     batch_size: int = F(256, "evaluation batch size per rank (also the block of samples that shares attack seeds)")
     max_samples: int = F(0, "evaluate the first N test samples only; 0 = the whole split")
+    split: str = F("test", "test (digits' test split, an ImageFolder's data.val_dir) | holdout (data.holdout of the "
+                           "training split: for tuning, never the test split)")
 
     def validate(self):
         from guardx.attacks import ATTACKS, parse_attack
@@ -289,6 +298,7 @@ class _EvaluateBase:
         if len(set(self.attacks)) != len(self.attacks):
             raise ConfigError(f"evaluate.attacks has duplicates: {self.attacks}")
         _positive("evaluate", "batch_size", self.batch_size)
+        _one_of("evaluate", "split", self.split, ("test", "holdout"))
         _check_registry_values("evaluate", ATTACKS, self)
 
     def attack_params(self, spec: str) -> dict:

@@ -73,7 +73,7 @@ def evaluate_checkpoint(path: Path, cfg: Config, *, label: str) -> dict:
             return previous
     model, meta = load_model(path, ctx.device)
     data_cfg = dataclasses.replace(cfg.data, resolution=meta.get("resolution", cfg.data.resolution))
-    split = "test" if cfg.data.dataset == "digits" else "val"
+    split = "holdout" if cfg.evaluate.split == "holdout" else "test" if cfg.data.dataset == "digits" else "val"
     loader = build_loader(data_cfg, split, ctx.rank, ctx.world_size, batch_size=cfg.evaluate.batch_size,
                           seed=cfg.run.seed, augment=False, device=ctx.device, max_samples=cfg.evaluate.max_samples,
                           shard_block=True)

@@ -52,6 +52,7 @@ def settings(cfg) -> dict:
     return {"format": 2, "attacks": list(cfg.evaluate.attacks), "eps": list(cfg.evaluate.eps),
             "params": {spec: cfg.evaluate.attack_params(spec) for spec in cfg.evaluate.attacks},
             "metrics": metric_names(cfg), "batch_size": cfg.evaluate.batch_size,
-            "max_samples": cfg.evaluate.max_samples, "seed": cfg.run.seed,
+            "max_samples": cfg.evaluate.max_samples, "seed": cfg.run.seed, "split": cfg.evaluate.split,
+            "holdout": cfg.data.holdout,
             "data": {"dataset": cfg.data.dataset, "backend": cfg.data.backend, "val_dir": cfg.data.val_dir,
                      "ffcv_val": cfg.data.ffcv_val, "val_crop_ratio": cfg.data.val_crop_ratio}}
