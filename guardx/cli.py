@@ -15,9 +15,6 @@ import json
 import os
 import sys
 
-STAGES = ("squeeze", "recover", "relabel", "train", "evaluate")
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
                    help="YAML config (repeatable; later files override earlier ones)")
@@ -32,8 +29,10 @@ def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="results folder (evaluate.out_dir)")
 
 
-def _evaluate_overrides(args) -> list[str]:
-    """The evaluate flags as config overrides (JSON values, so paths and k/255 pass through YAML unchanged)."""
+def _flag_overrides(args) -> list[str]:
+    """Command-line flags as config overrides (JSON values, so paths and k/255 pass through YAML unchanged)."""
+    if args.command == "pipeline" and args.seeds is not None:
+        return [f"run.seeds=[{args.seeds}]"]
     if args.command != "evaluate":
         return []
     out = []
@@ -62,12 +61,18 @@ def _number_or_text(v: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardx", description="Robust dataset distillation (GUARD) toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=f"run the {stage} stage")
+    from guardx.stages import STAGE_HELP, STAGE_MODULES
+
+    for stage in STAGE_MODULES:
+        p = sub.add_parser(stage, help=STAGE_HELP.get(stage, f"run the {stage} stage"))
         _add_config_args(p)
         if stage == "evaluate":
             _add_evaluate_args(p)
-    _add_config_args(sub.add_parser("pipeline", help="run all stages for every method and write the report"))
+    p = sub.add_parser("pipeline", help="run all stages for every method (and seed) and write the report")
+    _add_config_args(p)
+    p.add_argument("--seeds", metavar="LIST", help="e.g. 0,1,2: every method once per seed (run.seeds)")
+    p = sub.add_parser("report", help="rebuild report.{md,csv,html} of a finished pipeline run from its report.json")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the pipeline's run.out_dir")
     p = sub.add_parser("config", help="print the resolved config, or the config reference")
     p.add_argument("--reference", action="store_true", help="print every key with its default and meaning")
     _add_config_args(p)
@@ -106,7 +111,12 @@ def _dispatch(args) -> int:
     if args.command == "config" and args.reference:
         print(reference_markdown())
         return 0
-    cfg = load_config(args.config, args.overrides + _evaluate_overrides(args))
+    if args.command == "report":
+        from guardx.report import rebuild
+
+        print(f"wrote {rebuild(args.run_dir)}")
+        return 0
+    cfg = load_config(args.config, args.overrides + _flag_overrides(args))
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
@@ -115,15 +125,20 @@ def _dispatch(args) -> int:
     try:
         if args.command == "pipeline":
             from guardx import pipeline
-            from guardx.pipeline import render_markdown
+            from guardx.report import pipeline_markdown
 
             report = pipeline.run(cfg)
             if int(os.environ.get("RANK", "0")) == 0:
-                print(render_markdown(report, cfg))
+                print(pipeline_markdown(report, cfg))
         else:
-            result = importlib.import_module(f"guardx.{args.command}").run(cfg)
+            from guardx.distill import DISTILLERS
+            from guardx.stages import stage_module
+
+            # a stage runs with the config its run's distiller adjusts (as in the pipeline), e.g. tesla sets mtt.tesla
+            result = stage_module(args.command).run(DISTILLERS.build(cfg.run.distiller, cfg))
             if args.command == "evaluate" and int(os.environ.get("RANK", "0")) == 0 and result:
-                from guardx.evaluate import metric_names, results_table
+                from guardx.attacks.plan import metric_names
+                from guardx.report import results_table
 
                 print(results_table(result, metric_names(cfg)))
             elif int(os.environ.get("RANK", "0")) == 0:

@@ -43,11 +43,24 @@ def _positive(section: str, key: str, value, allow_zero: bool = False) -> None:
 class RunConfig:
     out_dir: str = F("runs/guardx", "run directory; every stage writes under it")
     seed: int = F(0, "global seed (each rank offsets it by its rank where randomness must differ)")
+    seeds: list = F([], "pipeline: run every method once per seed, each in <out_dir>/<method>/seed<k>/, and report "
+                        "mean, spread and paired confidence intervals; empty = run.seed only")
     device: str = F("auto", "auto | cpu | cuda")
     progress: bool = F(True, "show tqdm progress bars (rank 0 only)")
+    distiller: str = F("sre2l", "the distiller whose set train and evaluate use (the pipeline sets it per method): "
+                                "sre2l")
+    deterministic: bool = F(False, "PyTorch's deterministic algorithms (torch.use_deterministic_algorithms, cuDNN "
+                                   "autotuning off): the same numbers on the same machine and software, at some speed "
+                                   "cost; across CPUs/BLAS builds numbers still differ (see the README)")
 
     def validate(self):
+        from guardx.distill import DISTILLERS
+
         _one_of("run", "device", self.device, ("auto", "cpu", "cuda"))
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds) \
+                or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"run.seeds must be distinct integers >= 0, got {self.seeds}")
+        DISTILLERS.get(self.distiller, where="run.distiller")
 
 
 @dataclass
@@ -59,6 +72,9 @@ class DataConfig:
     ffcv_train: str = F("", "FFCV .beton of the training split (backend=ffcv)")
     ffcv_val: str = F("", "FFCV .beton of the validation split (backend=ffcv)")
     num_classes: int = F(0, "number of classes; 0 = infer from the data")
+    holdout: float = F(0.0, "fraction of the training split held out (stratified, fixed) for model selection: "
+                            "training uses the rest, evaluate.split=holdout evaluates on it; the test split is "
+                            "never used for choices (digits and folder backends)")
     resolution: int = F(224, "training/eval crop size in pixels")
     val_crop_ratio: float = F(0.875, "eval: resize to resolution/ratio, then center-crop resolution")
     rrc_scale: list = F([0.08, 1.0], "train: RandomResizedCrop area range")
@@ -92,6 +108,10 @@ class DataConfig:
         _one_of("data", "dataset", self.dataset, ("digits", "imagefolder"))
         _one_of("data", "backend", self.backend, ("folder", "ffcv", "dali"))
         _positive("data", "resolution", self.resolution)
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"data.holdout must be in [0, 1), got {self.holdout}")
+        if self.holdout and self.dataset == "imagefolder" and self.backend != "folder":
+            raise ConfigError(f"data.holdout needs data.backend=folder (got {self.backend})")
         _positive("data", "workers", self.workers, allow_zero=True)
         if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             raise ConfigError(f"data.rrc_scale must be [min, max] with 0 < min <= max <= 1, got {self.rrc_scale}")
@@ -126,45 +146,64 @@ class ModelConfig:
                                "(re-initialise the classifier for this data's classes)")
 
     def validate(self):
-        from guardx.models import is_model, list_models
+        from guardx.models import MODELS
 
-        if not is_model(self.name):
-            raise ConfigError(f"model.name={self.name!r} is not a known model{did_you_mean(self.name, list_models())}; "
-                              f"known: {list_models()}")
+        MODELS.get(self.name, where="model.name")
         _positive("model", "width", self.width)
         _one_of("model", "init_head", self.init_head, ("keep", "reset"))
 
 
-@dataclass
-class ObjectiveConfig:
-    name: str = F("plain", "plain | guard | adv (PGD-k adversarial training) | gradnorm")
-    mode: str = F("exact", "guard: exact (eq. 11, double backprop) | lossdiff (official ImageNet code) | cure (official CIFAR code)")
-    h: float = F(3.0, "guard: discretisation step along z (in units of `space`)")
-    lam: float = F(100.0, "guard exact/cure: regulariser weight lambda")
-    beta: float = F(1e-4, "guard lossdiff: weight of |L(x+hz) - L(x)|")
-    space: str = F("normalized", "where the perturbation acts: normalized (after the model's normaliser) | pixel")
-    eps: float = F(1 / 255, "adv: L-inf radius in pixel units (accepts k/255)")
-    alpha: float = F(0.25 / 255, "adv: PGD step size in pixel units")
-    steps: int = F(10, "adv: PGD steps k")
-    random_start: bool = F(True, "adv: start PGD from a uniform point in the eps-ball")
-    lam_g: float = F(1e-2, "gradnorm: weight lambda_g of ||grad_x loss||^2")
+def _registry_fields(registry, *, owner: str) -> list[tuple[str, type, Any]]:
+    """Config fields for every parameter a registry's entries declare (one field per config key; entries
+    sharing a key must agree on its default). Adding an entry to the registry adds its keys here."""
+    out = []
+    for key, users in registry.all_params().items():
+        defaults = {repr(p.default) for _, p in users}
+        if len(defaults) > 1:
+            raise TypeError(f"{owner}.{key} has different defaults in {[e.name for e, _ in users]}")
+        p = users[0][1]
+        names = ", ".join(e.name for e, _ in users)
+        out.append((key, p.type, F(p.default, f"{names}: {p.help}")))
+    return out
 
+
+def _check_registry_values(section: str, registry, values) -> None:
+    """Range check of every registry-declared key (all entries, not only the selected one)."""
+    for key, users in registry.all_params().items():
+        for _, p in users:
+            p.check(getattr(values, key), f"{section}.{key}")
+
+
+class _ObjectiveMethods:
     def validate(self):
-        _one_of("objective", "name", self.name, ("plain", "guard", "adv", "gradnorm"))
-        _one_of("objective", "mode", self.mode, ("exact", "lossdiff", "cure"))
-        _one_of("objective", "space", self.space, ("normalized", "pixel"))
-        _positive("objective", "steps", self.steps)
+        from guardx.objectives import OBJECTIVES
+
+        OBJECTIVES.get(self.name, where="objective.name")  # unknown name: ConfigError with did-you-mean
+        _check_registry_values("objective", OBJECTIVES, self)
+        try:
+            OBJECTIVES.build(self.name, **self.params())  # the objective validates its own values
+        except ValueError as e:
+            raise ConfigError(f"objective: {e}") from None
 
     def params(self) -> dict:
-        """Keyword arguments for :func:`guardx.objectives.build_objective`."""
-        n = self.name
-        if n == "guard":
-            return dict(mode=self.mode, h=self.h, lam=self.lam, beta=self.beta, space=self.space)
-        if n == "adv":
-            return dict(eps=self.eps, alpha=self.alpha, steps=self.steps, random_start=self.random_start)
-        if n == "gradnorm":
-            return dict(lam_g=self.lam_g, space=self.space)
-        return {}
+        """Keyword arguments for :func:`guardx.objectives.build_objective` (the chosen objective's only)."""
+        from guardx.objectives import OBJECTIVES
+
+        return {p.name: getattr(self, p.key) for p in OBJECTIVES.get(self.name).params.values()}
+
+
+def _objective_section():
+    from guardx.objectives import OBJECTIVES
+
+    names = " | ".join(OBJECTIVES.names())
+    fields = [("name", str, F("plain", f"training objective: {names} (adv = PGD-k adversarial training)"))]
+    cls = dataclasses.make_dataclass("ObjectiveConfig", fields + _registry_fields(OBJECTIVES, owner="objective"),
+                                     bases=(_ObjectiveMethods,))
+    cls.__module__ = __name__  # picklable as guardx.config.ObjectiveConfig
+    return cls
+
+
+ObjectiveConfig = _objective_section()
 
 
 @dataclass
@@ -230,46 +269,46 @@ class TrainConfig:
     width: int = F(0, "student width; 0 = model.width")
     epochs: int = F(300, "epochs on the distilled set (store mode reuses the stored epochs cyclically if longer)")
     batch_size: int = F(128, "global batch size")
-    lr: float = F(1e-3, "AdamW learning rate (cosine-decayed per step)")
-    weight_decay: float = F(0.01, "AdamW weight decay")
-    temperature: float = F(20.0, "KL temperature on teacher and student logits")
+    optimizer: str = F("adamw", "adamw (SRe2L's student) | sgd (DC/MTT's evaluation: with momentum)")
+    lr: float = F(1e-3, "learning rate")
+    momentum: float = F(0.9, "sgd: momentum")
+    weight_decay: float = F(0.01, "weight decay")
+    schedule: str = F("cosine", "learning-rate schedule per step: cosine (SRe2L) | step (x0.1 at half the steps, "
+                                "DC/MTT's evaluation) | constant")
+    temperature: float = F(20.0, "KL temperature on teacher (or stored soft) and student logits")
+    augment: str = F("auto", "hard/soft-label sets: crops (random-resized crop + flip, relabel.rrc_scale/flip) | "
+                             "dsa (DC/MTT's differentiable siamese augmentation, train.dsa_strategy) | none; "
+                             "auto = crops. Teacher-labelled sets always replay relabel's crops")
+    dsa_strategy: str = F("color_crop_cutout_flip_scale_rotate", "train.augment=dsa: DSA's transforms (DC's default)")
+    recipe: str = F("auto", "auto: where the distilled set's manifest carries its authors' student recipe (MTT, "
+                            "TESLA, DC: optimiser, lr such as MTT's learned one, epochs, batch, augmentation, loss), "
+                            "train with it; config: always the train.* values")
     keep_checkpoints: int = F(2, "epoch checkpoints kept on disk")
 
     def validate(self):
+        _one_of("train", "recipe", self.recipe, ("auto", "config"))
         for k in ("epochs", "batch_size"):
             _positive("train", k, getattr(self, k))
         _positive("train", "temperature", self.temperature)
+        _one_of("train", "optimizer", self.optimizer, ("adamw", "sgd"))
+        _one_of("train", "schedule", self.schedule, ("cosine", "step", "constant"))
+        _one_of("train", "augment", self.augment, ("auto", "crops", "dsa", "none"))
 
 
 @dataclass
-class EvaluateConfig:
+class _EvaluateBase:
     attacks: list = F(["pgd"], "attacks besides clean accuracy: pgd (pgd_steps steps) or pgd<N> (N steps), fgsm, "
                                "mim, cw, square, autoattack (e.g. pgd100,square,autoattack,cw,mim)")
     eps: list = F([1 / 255], "L-inf radii in pixel units (accepts k/255); cw ignores them (unbounded L2)")
     checkpoints: list = F([], "model files to evaluate, PATH or LABEL=PATH; empty = the run's teacher and student")
     out_dir: str = F("", "results folder; empty = <run.out_dir>/evaluate")
-    pgd_steps: int = F(100, "PGD iterations (PGD-100 in the paper)")
-    pgd_alpha: float = F(0.0, "PGD step size; 0 = eps/4")
-    pgd_random_start: bool = F(True, "PGD random start inside the eps-ball")
-    pgd_early_stop: bool = F(False, "PGD and MIM: keep a sample's first misclassified iterate and stop attacking it "
-                                     "(worst-iterate accuracy, <= last-iterate; much faster at large eps)")
-    mim_steps: int = F(20, "MIM (momentum iterative FGSM) iterations")
-    mim_decay: float = F(1.0, "MIM momentum decay mu")
-    mim_alpha: float = F(0.0, "MIM step size; 0 = eps/4")
-    cw_c: float = F(1e-5, "CW-L2 weight c of the margin term (the paper: 1e-5)")
-    cw_kappa: float = F(0.0, "CW-L2 confidence kappa")
-    cw_steps: int = F(50, "CW-L2 Adam steps (torchattacks' default; the paper gives only c)")
-    cw_lr: float = F(0.01, "CW-L2 Adam learning rate")
-    square_queries: int = F(5000, "Square attack queries per sample (also the Square inside autoattack standard)")
-    square_p_init: float = F(0.8, "Square attack initial fraction of pixels changed per query")
-    autoattack_version: str = F("standard", "standard (APGD-CE, APGD-T, FAB-T, Square) | fast (APGD-CE, APGD-T)")
-    autoattack_steps: int = F(100, "autoattack: iterations of APGD-CE, APGD-T and FAB-T (reference: 100)")
-    autoattack_targets: int = F(9, "autoattack: target classes of APGD-T and FAB-T (reference: 9)")
     batch_size: int = F(256, "evaluation batch size per rank (also the block of samples that shares attack seeds)")
     max_samples: int = F(0, "evaluate the first N test samples only; 0 = the whole split")
+    split: str = F("test", "test (digits' test split, an ImageFolder's data.val_dir) | holdout (data.holdout of the "
+                           "training split: for tuning, never the test split)")
 
     def validate(self):
-        from guardx.attacks import parse_attack
+        from guardx.attacks import ATTACKS, parse_attack
 
         if not self.eps or any(isinstance(e, bool) or not isinstance(e, (int, float)) or e < 0 for e in self.eps):
             raise ConfigError(f"evaluate.eps must be a non-empty list of radii >= 0 (numbers or k/255), got {self.eps}")
@@ -279,10 +318,28 @@ class EvaluateConfig:
             parse_attack(spec)
         if len(set(self.attacks)) != len(self.attacks):
             raise ConfigError(f"evaluate.attacks has duplicates: {self.attacks}")
-        for k in ("pgd_steps", "mim_steps", "cw_steps", "square_queries", "autoattack_steps", "autoattack_targets",
-                  "batch_size", "cw_lr"):
-            _positive("evaluate", k, getattr(self, k))
-        _one_of("evaluate", "autoattack_version", self.autoattack_version, ("standard", "fast"))
+        _positive("evaluate", "batch_size", self.batch_size)
+        _one_of("evaluate", "split", self.split, ("test", "holdout"))
+        _check_registry_values("evaluate", ATTACKS, self)
+
+    def attack_params(self, spec: str) -> dict:
+        """The keyword arguments ``spec`` (e.g. ``pgd100``) runs with: its config keys, then its budget suffix."""
+        from guardx.attacks import attack_info, parse_attack
+
+        budget = parse_attack(spec)[1]
+        return {**{p.name: getattr(self, p.key) for p in attack_info(spec).params.values()}, **budget}
+
+
+def _evaluate_section():
+    from guardx.attacks import ATTACKS
+
+    cls = dataclasses.make_dataclass("EvaluateConfig", _registry_fields(ATTACKS, owner="evaluate"),
+                                     bases=(_EvaluateBase,))
+    cls.__module__ = __name__  # picklable as guardx.config.EvaluateConfig
+    return cls
+
+
+EvaluateConfig = _evaluate_section()
 
 
 @dataclass
@@ -313,19 +370,22 @@ class DistributedConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = F("sre2l", "label of the method in the report")
-    objective: dict = F({}, "overrides of the `objective` section for this method's squeeze")
-
-
-STAGES = ("squeeze", "recover", "relabel", "train", "evaluate")
+    name: str = F("sre2l", "label of the method in the report (and its run folder)")
+    distiller: str = F("sre2l", "the distiller that makes this method's set")
+    objective: dict = F({}, "overrides of the `objective` section: the objective of the distiller's real-data "
+                            "training (e.g. GUARD in the squeeze)")
+    overrides: dict = F({}, "overrides of any other section for this method, e.g. {train: {lr: 0.01}}")
 
 
 @dataclass
 class PipelineConfig:
-    methods: list = F([{"name": "sre2l", "objective": {"name": "plain"}}],
-                      "methods compared: a list of {name, objective: {...overrides}}")
-    stages: list = F(list(STAGES), "stages the pipeline runs, in order")
+    methods: list = F([{"name": "sre2l", "distiller": "sre2l", "objective": {"name": "plain"}}],
+                      "methods compared: a list of {name, distiller, objective: {...}, overrides: {section: {...}}}")
+    stages: list = F([], "run only these stages of each method (in the method's order); empty = all of them "
+                         "(the distiller's stages, then train and evaluate)")
     eval_teacher: bool = F(True, "also evaluate each teacher on the test split")
+    baseline: str = F("", "the method every other is compared with (paired difference, 95% CI, verdict); "
+                          "empty = the first method")
 
     def __post_init__(self):
         self.methods = [m if isinstance(m, MethodConfig) else _build(MethodConfig, m, "pipeline.methods.")
@@ -334,11 +394,24 @@ class PipelineConfig:
             _build(ObjectiveConfig, m.objective, f"pipeline.methods.{m.name}.objective.").validate()
 
     def validate(self):
+        from guardx.distill import DISTILLERS
+        from guardx.stages import STAGE_MODULES
+
         for s in self.stages:
-            _one_of("pipeline", "stages", s, STAGES)
+            _one_of("pipeline", "stages", s, STAGE_MODULES)
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ConfigError(f"pipeline.methods names must be unique, got {names}")
+        if self.baseline and self.baseline not in names:
+            raise ConfigError(f"pipeline.baseline={self.baseline!r} is not one of the methods "
+                              f"{names}{did_you_mean(self.baseline, names)}")
+        for m in self.methods:
+            DISTILLERS.get(m.distiller, where=f"pipeline.methods.{m.name}.distiller")
+            bad = [k for k in m.overrides if k in ("objective", "pipeline")]
+            if bad:
+                raise ConfigError(f"pipeline.methods.{m.name}.overrides: set {bad[0]} through the method's own "
+                                  f"`objective` field" if bad[0] == "objective" else
+                                  f"pipeline.methods.{m.name}.overrides cannot change the pipeline section")
 
 
 @dataclass
@@ -354,6 +427,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    buffers: "BuffersConfig" = field(default_factory=lambda: BuffersConfig())
+    mtt: "MTTConfig" = field(default_factory=lambda: MTTConfig())
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -366,11 +441,21 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def with_objective(self, overrides: dict) -> "Config":
-        """A copy whose ``objective`` section has ``overrides`` applied (a pipeline method)."""
+    def with_overrides(self, overrides: dict) -> "Config":
+        """A validated copy with ``{section: {key: value}}`` applied on top (a pipeline method's settings)."""
         data = self.to_dict()
-        data["objective"].update(overrides)
+        for section, values in overrides.items():
+            if section not in data:
+                names = [f.name for f in dataclasses.fields(self)]
+                raise ConfigError(f"unknown config section {section!r}{did_you_mean(section, names)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"overrides of section {section!r} must be a mapping, got {values!r}")
+            data[section].update(values)
         return from_dict(data)
+
+    def with_objective(self, overrides: dict) -> "Config":
+        """A copy whose ``objective`` section has ``overrides`` applied."""
+        return self.with_overrides({"objective": overrides})
 
 
 # --------------------------------------------------------------------------- parsing
@@ -500,3 +585,88 @@ def reference_markdown() -> str:
             out.append(f"| `{f.name}` | `{shown}` | {meaning} |")
         out.append("")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- trajectory matching (MTT, TESLA)
+# Defaults are the authors' code defaults (MTT buffer.py/distill.py, TESLA distill.py); per dataset/ipc
+# settings live in configs/mtt/*.yaml with their sources.
+
+@dataclass
+class BuffersConfig:
+    num_experts: int = F(100, "expert networks trained on real data (MTT: 100)")
+    epochs: int = F(50, "training epochs per expert; parameters are kept after each (MTT: 50)")
+    batch_size: int = F(256, "expert batch size (MTT: batch_train 256)")
+    lr: float = F(0.01, "expert SGD learning rate, constant (MTT: lr_teacher 0.01)")
+    momentum: float = F(0.0, "expert SGD momentum (MTT: 0)")
+    weight_decay: float = F(0.0, "expert SGD weight decay (MTT: l2 0)")
+    grad_clip: float = F(0.0, "max gradient norm of an expert step; 0 disables (GUARD exact may need it on fresh nets)")
+    model: str = F("convnet", "expert architecture (MTT/TESLA: convnet); also the distillers' student network")
+    width: int = F(128, "expert width (MTT's ConvNet: 128)")
+    depth: int = F(0, "expert depth; 0 = the model's default for the resolution (MTT: ConvNet = D3 at 32 px, "
+                      "ConvNetD4 at 64 px, ConvNetD5 at 128 px)")
+    resolution: int = F(0, "image size the experts and the MTT/TESLA set use; 0 = data.resolution (MTT: 128 px "
+                           "for ImageNet subsets, while SRe2L runs at 224)")
+    zca: bool = F(False, "ZCA-whiten the inputs instead of mean/std normalisation (MTT --zca; at most 64 px)")
+    zca_eps: float = F(0.1, "ZCA regularisation added to the covariance eigenvalues (MTT: kornia eps 0.1)")
+    dsa_strategy: str = F("color_crop_cutout_flip_scale_rotate", "DSA augmentation of every expert batch "
+                          "(MTT's default strategy); none = no augmentation")
+
+    def validate(self):
+        for k in ("num_experts", "epochs", "batch_size", "width"):
+            _positive("buffers", k, getattr(self, k))
+        for k in ("lr", "zca_eps"):
+            _positive("buffers", k, getattr(self, k))
+        for k in ("momentum", "weight_decay", "grad_clip", "depth", "resolution"):
+            _positive("buffers", k, getattr(self, k), allow_zero=True)
+        from guardx.models import is_model, list_models
+
+        if not is_model(self.model):
+            raise ConfigError(f"buffers.model={self.model!r} is not a known model{did_you_mean(self.model, list_models())}; "
+                              f"known: {list_models()}")
+
+
+@dataclass
+class MTTConfig:
+    tesla: bool = F(False, "TESLA: constant-memory gradient (mtt.tesla_grad) and soft labels (mtt.labels=auto "
+                           "-> assign); writes <run>/tesla instead of <run>/mtt")
+    ipc: int = F(10, "synthetic images per class")
+    iterations: int = F(5000, "distillation iterations (MTT: Iteration 5000)")
+    syn_steps: int = F(20, "N: student SGD steps on synthetic data per iteration (MTT: syn_steps)")
+    expert_epochs: int = F(3, "M: the student is matched to the expert M epochs after its start (MTT: expert_epochs)")
+    max_start_epoch: int = F(25, "start epochs are drawn uniformly from [0, max_start_epoch) (MTT: max_start_epoch, "
+                                 "np.random.randint(0, T+))")
+    lr_img: float = F(1000.0, "SGD learning rate of the synthetic images, momentum 0.5 (MTT: lr_img)")
+    lr_lr: float = F(1e-5, "SGD learning rate of the learnable synthetic step size, momentum 0.5 (MTT: lr_lr)")
+    lr_teacher: float = F(0.01, "initial synthetic step size (MTT: lr_teacher)")
+    batch_syn: int = F(0, "synthetic images per student step; 0 = all of them (MTT: batch_syn)")
+    init: str = F("real", "synthetic image initialisation: real (random real images of the class) | noise (MTT: pix_init)")
+    dsa_strategy: str = F("color_crop_cutout_flip_scale_rotate", "DSA augmentation of each student step's batch; none = off")
+    labels: str = F("auto", "auto (hard for MTT, assign for TESLA) | hard | assign (TESLA: softmax of the sampled "
+                            "expert's target-epoch logits on the current images, every iteration) | learn (logits "
+                            "initialised from an expert, then learned with the images)")
+    lr_label: float = F(2.0, "labels=learn: SGD learning rate of the label logits, momentum 0.5")
+    label_expert: int = F(0, "labels=learn: the expert whose logits (at epoch max_start_epoch + expert_epochs) "
+                             "initialise the labels")
+    tesla_grad: str = F("exact", "tesla: exact (reverse pass through the N steps, recomputing each step: the unrolled "
+                                 "gradient with one step's activations) | first_order (TESLA's public code: drops "
+                                 "the Hessian terms that couple steps)")
+    max_experts: int = F(0, "use only the first N experts of the buffers; 0 = all")
+    buffers_dir: str = F("", "expert buffers to match; empty = <run.out_dir>/buffers")
+    ckpt_every: int = F(100, "checkpoint the synthetic set every N iterations (and at the end)")
+    keep_checkpoints: int = F(2, "checkpoints kept on disk (the newest)")
+
+    def validate(self):
+        for k in ("ipc", "iterations", "syn_steps", "expert_epochs", "max_start_epoch", "lr_img", "lr_teacher",
+                  "ckpt_every", "keep_checkpoints"):
+            _positive("mtt", k, getattr(self, k))
+        for k in ("lr_lr", "lr_label", "batch_syn", "label_expert", "max_experts"):
+            _positive("mtt", k, getattr(self, k), allow_zero=True)
+        _one_of("mtt", "init", self.init, ("real", "noise"))
+        _one_of("mtt", "labels", self.labels, ("auto", "hard", "assign", "learn"))
+        _one_of("mtt", "tesla_grad", self.tesla_grad, ("exact", "first_order"))
+
+    @property
+    def label_mode(self) -> str:
+        if self.labels == "auto":
+            return "assign" if self.tesla else "hard"
+        return self.labels

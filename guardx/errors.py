@@ -6,7 +6,7 @@ class GuardxError(Exception):
     """Base class: the message names the problem and, where possible, the fix."""
 
 
-class ConfigError(GuardxError):
+class ConfigError(GuardxError, ValueError):
     pass
 
 

@@ -18,25 +18,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from guardx.config import Config
+from guardx.data.distilled import distilled_manifest, image_path, save_png
 from guardx.data.transforms import random_resized_crop_batch
 from guardx.distributed import init_distributed
 from guardx.errors import GuardxError
 from guardx.models import Normalized
 from guardx.models._io import load_model
-from guardx.squeeze import teacher_path
-from guardx.utils.io import atomic_path, write_json
+from guardx.paths import layout
+from guardx.utils.io import write_json
 from guardx.utils.misc import cosine_lr, derive_seed, interactive, progress
-
-
-def stage_dir(cfg: Config) -> Path:
-    return Path(cfg.run.out_dir) / "recover"
-
-
-def images_dir(cfg: Config) -> Path:
-    return stage_dir(cfg) / "images"
 
 
 class BNStatLoss:
@@ -74,17 +66,6 @@ def plan_jobs(num_classes: int, classes: list[int], ipc: int, batch_size: int) -
         raise GuardxError(f"recover.classes {bad} are outside the teacher's {num_classes} classes")
     pairs = [(c, k) for k in range(ipc) for c in chosen]
     return [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
-
-
-def image_path(root: Path, class_name: str, ipc_index: int) -> Path:
-    return root / class_name / f"{class_name}_{ipc_index:04d}.png"
-
-
-def save_png(img: torch.Tensor, path: Path) -> None:
-    """float (3, H, W) in [0, 1] → 8-bit PNG, written atomically."""
-    arr = (img.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
 
 
 def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resolution: int, seed: int,
@@ -127,18 +108,20 @@ def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resol
 
 
 def run(cfg: Config) -> Path:
-    out = stage_dir(cfg)
-    manifest = out / "manifest.json"
+    paths = layout(cfg)
+    manifest = paths.manifest("recover")
     if manifest.is_file():
-        return images_dir(cfg)
+        return paths.recover_images
+    # 1. distributed context; 2. the frozen teacher on this rank's device
     ctx = init_distributed(cfg)
-    teacher, meta = load_model(teacher_path(cfg), ctx.device)
+    teacher, meta = load_model(paths.teacher, ctx.device)
     for p in teacher.parameters():
         p.requires_grad_(False)  # gradients flow to the images only
     classes = meta["classes"]
+    # 3. the work: every rank plans the same global job list and takes every W-th job (no communication)
     jobs = plan_jobs(meta["num_classes"], list(cfg.recover.classes), cfg.recover.ipc, cfg.recover.batch_size)
     mine = list(range(ctx.rank, len(jobs), ctx.world_size))
-    root = images_dir(cfg)
+    root = paths.recover_images
     t0, n_images, n_done_before = time.perf_counter(), 0, 0
     show = cfg.run.progress and ctx.is_main
     bar = progress(mine, enabled=show, desc="recover jobs", unit="job")
@@ -163,11 +146,11 @@ def run(cfg: Config) -> Path:
     ctx.barrier()
     if ctx.is_main:
         made, seconds = int(table[:, 0].sum()), table[:, 2].tolist()
-        write_json({"images": sum(len(j) for j in jobs), "jobs": len(jobs), "world_size": ctx.world_size,
-                    "ipc": cfg.recover.ipc, "iterations": cfg.recover.iterations,
+        write_json({**distilled_manifest(cfg.run.distiller, "teacher", meta, ipc=cfg.recover.ipc,
+                                         images=sum(len(j) for j in jobs)),
+                    "jobs": len(jobs), "world_size": ctx.world_size, "iterations": cfg.recover.iterations,
                     "synthesized_this_run": made, "reused": int(table[:, 1].sum()), "rank_seconds": seconds,
                     # image-iterations per second of the slowest rank: the stage's throughput
-                    "img_iters_per_s": made * cfg.recover.iterations / max(max(seconds), 1e-9),
-                    "classes": classes}, manifest)
+                    "img_iters_per_s": made * cfg.recover.iterations / max(max(seconds), 1e-9)}, manifest)
     ctx.barrier()
     return root

@@ -19,38 +19,24 @@ import torch
 
 from guardx.config import Config, dump_config
 from guardx.data import build_loader
-from guardx.distributed import build_engine, init_distributed
+from guardx.distributed import build_engine, init_distributed, per_rank_batch
 from guardx.errors import ConfigError
 from guardx.loop import fit, recalibrate_bn
 from guardx.models import create_model
 from guardx.models._io import model_meta, save_model
 from guardx.models.pretrained import load_init
 from guardx.objectives import ObjectiveStep, build_objective
+from guardx.paths import layout
 from guardx.utils.checkpoint import Checkpointer
 from guardx.utils.io import write_json, write_text
-from guardx.utils.misc import cosine_lr, seed_everything
-
-
-def stage_dir(cfg: Config) -> Path:
-    return Path(cfg.run.out_dir) / "squeeze"
-
-
-def teacher_path(cfg: Config) -> Path:
-    return stage_dir(cfg) / "teacher.pt"
-
-
-def per_rank_batch(global_batch: int, world_size: int, key: str, grad_accum: int = 1) -> int:
-    """Micro-batch per rank: the global batch is split over ranks and accumulation steps."""
-    if global_batch % (world_size * grad_accum):
-        raise ConfigError(f"{key}={global_batch} is not divisible by the world size {world_size}"
-                          + (f" × distributed.grad_accum {grad_accum}" if grad_accum > 1 else ""))
-    return global_batch // (world_size * grad_accum)
+from guardx.utils.misc import lr_schedule, seed_everything
 
 
 def run(cfg: Config) -> Path:
-    out = stage_dir(cfg)
-    if teacher_path(cfg).is_file():
-        return teacher_path(cfg)
+    paths = layout(cfg)
+    out = paths.stage("squeeze")
+    if paths.teacher.is_file():
+        return paths.teacher
     # 1. distributed context, then a seed shared by all ranks (same initial weights everywhere)
     ctx = init_distributed(cfg)
     seed_everything(cfg.run.seed)
@@ -77,15 +63,14 @@ def run(cfg: Config) -> Path:
         total_steps = min(total_steps, cfg.squeeze.max_steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.squeeze.lr, momentum=cfg.squeeze.momentum,
                                 weight_decay=cfg.squeeze.weight_decay)
-    schedule = (lambda s: cosine_lr(s, total_steps)) if cfg.squeeze.schedule == "cosine" else (lambda s: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.squeeze.schedule, total_steps))
     # 4. engine wraps model+objective (the objective's extra passes run inside the wrapped forward)
     engine = build_engine(ObjectiveStep(model, objective), optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                           ctx=ctx, grad_clip=cfg.squeeze.grad_clip, global_batch=cfg.squeeze.batch_size)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_text(dump_config(cfg), out / "config.yaml")
-    ckpt = Checkpointer(out / "ckpt", keep=cfg.squeeze.keep_checkpoints, ctx=ctx)
+        write_text(dump_config(cfg), paths.config_file("squeeze"))
+    ckpt = Checkpointer(paths.ckpt_dir("squeeze"), keep=cfg.squeeze.keep_checkpoints, ctx=ctx)
     result = fit(engine=engine, loader=loader, epochs=cfg.squeeze.epochs, ckpt=ckpt, ctx=ctx, stage="squeeze",
                  seed=cfg.run.seed, device=ctx.device, show_progress=cfg.run.progress,
                  max_steps=cfg.squeeze.max_steps, ckpt_every_steps=cfg.squeeze.ckpt_every_steps)
@@ -102,7 +87,7 @@ def run(cfg: Config) -> Path:
                     "img_per_s": result.samples / result.seconds if result.seconds else None,
                     "bn_recalibrated_batches": recalibrated, "init": init,
                     "skipped_files": sorted(getattr(loader, "skipped", [])), "history": result.history},
-                   out / "metrics.json")
-        save_model(teacher_path(cfg), engine.model, meta)
+                   paths.metrics("squeeze"))
+        save_model(paths.teacher, engine.model, meta)
     ctx.barrier()
-    return teacher_path(cfg)
+    return paths.teacher

@@ -230,3 +230,53 @@ def test_attack_names_and_budgets():
         parse_attack("sqare")
     with pytest.raises(ConfigError, match="no numeric budget"):
         parse_attack("fgsm5")
+
+
+# The reference AutoAttack, version="standard", L∞ (fra31/auto-attack, autoattack/autoattack.py at commit a392200:
+# the constructor and set_version('standard')): what each of its four attacks is configured with.
+REFERENCE_AUTOATTACK_STANDARD = [
+    ("APGD", {"steps": 100, "n_restarts": 1, "loss": "ce", "eot_iter": 1, "thr_decr": 0.75}),
+    ("APGDT", {"steps": 100, "n_restarts": 1, "eot_iter": 1, "thr_decr": 0.75, "n_target_classes": 9}),
+    ("FAB", {"steps": 100, "n_restarts": 1, "multi_targeted": True, "n_target_classes": 9, "alpha_max": 0.1,
+             "eta": 1.05, "beta": 0.9}),
+    ("Square", {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8, "loss": "margin", "rescale_schedule": False}),
+]
+
+
+def test_autoattack_is_configured_as_the_reference_standard_version():
+    pytest.importorskip("torchattacks")
+    from guardx.attacks.library import autoattack_components
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
+    attacks = autoattack_components(model, 1 / 255, n_classes=10, seed=3)
+    assert [type(a).__name__ for a in attacks] == [name for name, _ in REFERENCE_AUTOATTACK_STANDARD]
+    for attack, (name, settings) in zip(attacks, REFERENCE_AUTOATTACK_STANDARD):
+        assert attack.norm == "Linf" and attack.eps == 1 / 255 and attack.seed == 3, name
+        assert {k: getattr(attack, k) for k in settings} == settings, name
+    fast = autoattack_components(model, 1 / 255, n_classes=10, version="fast")
+    assert [type(a).__name__ for a in fast] == ["APGD", "APGDT"]
+
+
+def test_square_rescaled_schedule_is_a_documented_choice(tmp_path):
+    pytest.importorskip("torchattacks")
+    from guardx.config import load_config
+
+    cfg = load_config(None, ["evaluate.attacks=[square]"])
+    assert cfg.evaluate.attack_params("square")["resc_schedule"] is False  # AutoAttack's setting by default
+    cfg = load_config(None, ["evaluate.attacks=[square]", "evaluate.square_resc_schedule=true"])
+    assert cfg.evaluate.attack_params("square")["resc_schedule"] is True
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
+    x, y = torch.rand(4, 3, 4, 4), torch.randint(0, 10, (4,))
+    seen = {}
+    import torchattacks
+
+    real = torchattacks.Square.__init__
+
+    def spy(self, *a, **k):
+        seen.update(k)
+        real(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torchattacks.Square, "__init__", spy)
+        run_attack("square", model, x, y, 1 / 255, queries=2, resc_schedule=True, seed=0)
+    assert seen["resc_schedule"] is True

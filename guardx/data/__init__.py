@@ -26,6 +26,7 @@ from guardx.data.sampler import ShardedSampler
 from guardx.data.splits import class_display_names, resolve_split, split_root
 from guardx.data.transforms import resized_crop, sample_rrc
 from guardx.errors import ConfigError
+from guardx.utils.misc import derive_seed
 
 __all__ = ["build_loader", "build_dataset", "TorchLoader", "ShardedSampler", "scan_image_folder"]
 
@@ -82,17 +83,41 @@ class _PILEval:
         return self.ops(img)
 
 
+def holdout_mask(labels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """True for the held-out items: ``round(fraction · n_c)`` of each class, chosen by a fixed permutation
+    (the same split in every run, whatever the seed)."""
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    if fraction <= 0:
+        return mask
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(derive_seed("holdout", c)))
+        mask[idx[perm[:round(fraction * len(idx))]]] = True
+    return mask
+
+
 def build_dataset(cfg, split: str, augment: bool | None = None, classes: list[str] | None = None):
     """The map-style dataset of ``split`` for the digits/folder backends (items: float image, label).
+    ``split="holdout"`` is ``data.holdout`` of the training split (eval transforms), which ``"train"`` then lacks.
     ``classes``: the class order val labels refer to (default: the train split's; see ``guardx.data.splits``)."""
     augment = (split == "train") if augment is None else augment
+    source = "train" if split == "holdout" else split
+    if split == "holdout" and cfg.holdout <= 0:
+        raise ConfigError("evaluate.split=holdout needs data.holdout > 0 (e.g. data.holdout=0.2)")
     if cfg.dataset == "digits":
-        images, labels = digits_tensors(split)
+        images, labels = digits_tensors(source)
         tf = _TensorTrainAug(cfg.resolution, cfg.rrc_scale, cfg.flip) if augment else _TensorResize(cfg.resolution)
+        if source == "train" and cfg.holdout > 0:
+            keep = holdout_mask(labels, cfg.holdout) == (split == "holdout")
+            images, labels = images[keep], labels[keep]
         return TensorDataset(images, labels, DIGITS_CLASSES, tf)
     tf = _PILTrainAug(cfg.resolution, cfg.rrc_scale, cfg.flip) if augment else _PILEval(cfg.resolution, cfg.val_crop_ratio)
-    found = resolve_split(cfg, split, classes)
-    return ImageFolderDataset(found.root, tf, classes=found.classes, samples=found.samples)
+    found = resolve_split(cfg, source, classes)
+    dataset = ImageFolderDataset(found.root, tf, classes=found.classes, samples=found.samples)
+    if source == "train" and cfg.holdout > 0:
+        keep = holdout_mask(torch.tensor([y for _, y in dataset.samples]), cfg.holdout) == (split == "holdout")
+        dataset.samples = [s for s, k in zip(dataset.samples, keep.tolist()) if k]
+    return dataset
 
 
 class TorchLoader:

@@ -48,6 +48,14 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def all_gather_object(self, obj) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
             return obj
@@ -122,6 +130,11 @@ def init_distributed(cfg) -> DistContext:
     device = pick_device(cfg.run.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if cfg.run.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; set before the first CUDA matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if (world > 1 or backend == "deepspeed") and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # not under torchrun: describe a one-rank world (DeepSpeed reads it)
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",

@@ -23,8 +23,16 @@ def model_meta(cfg, *, name: str, width: int, num_classes: int, classes: list[st
 
 
 def build_from_meta(meta: dict) -> nn.Module:
+    whiten = None
+    if meta.get("zca"):  # the buffers come with the weights
+        from guardx.data.zca import ZCA
+
+        shape = tuple(meta["zca"]["shape"])
+        d = shape[0] * shape[1] * shape[2]
+        whiten = ZCA(torch.zeros(d), torch.zeros(d, d), torch.zeros(d, d), shape, meta["zca"]["eps"])
     return create_model(meta["name"], num_classes=meta["num_classes"], width=meta["width"],
-                        resolution=meta["resolution"], mean=meta["mean"], std=meta["std"])
+                        depth=meta.get("depth"), resolution=meta["resolution"], mean=meta["mean"], std=meta["std"],
+                        whiten=whiten)
 
 
 def save_model(path: str | Path, model: nn.Module, meta: dict, **extra) -> None:

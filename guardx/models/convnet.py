@@ -28,6 +28,6 @@ class ConvNet(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-@register_model
+@register_model(torchvision=None, batchnorm=False)
 def convnet(num_classes: int = 10, width: int = 128, depth: int = 3, resolution: int = 32) -> ConvNet:
     return ConvNet(num_classes, width, depth, resolution)

@@ -1,0 +1,58 @@
+"""The attack plan of an evaluation: which (attack, ε) pairs run, with which parameters, under which
+metric names — all read from ``evaluate.*`` (each attack's parameters come from its registry entry)."""
+from __future__ import annotations
+
+import dataclasses
+
+from guardx.attacks import attack_info, parse_attack
+from guardx.utils.misc import fmt_eps
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    metric: str          # column name, e.g. "pgd100@1/255" or "cw"
+    attack: str          # registered attack name
+    eps: float | None    # None for unbounded attacks
+    params: dict
+
+
+def jobs(cfg) -> list[Job]:
+    out = []
+    for spec in cfg.evaluate.attacks:
+        name, params = parse_attack(spec)[0], cfg.evaluate.attack_params(spec)
+        if attack_info(spec).bounded:
+            out += [Job(f"{spec}@{fmt_eps(e)}", name, e, params) for e in cfg.evaluate.eps]
+        else:
+            out.append(Job(spec, name, None, params))
+    return out
+
+
+def metric_names(cfg) -> list[str]:
+    return ["clean"] + [j.metric for j in jobs(cfg)]
+
+
+def describe(cfg) -> str:
+    """One line naming every attack with its settings (for reports)."""
+    parts = []
+    for spec in cfg.evaluate.attacks:
+        p = cfg.evaluate.attack_params(spec)
+        parts.append(f"{spec} (" + ", ".join(f"{k}={_short(k, v)}" for k, v in p.items()) + ")" if p else spec)
+    eps = ", ".join(fmt_eps(e) for e in cfg.evaluate.eps)
+    return f"attacks: {'; '.join(parts)} · ε ∈ {{{eps}}} (L∞, pixel units; cw: unbounded L2)"
+
+
+def _short(key: str, v):
+    if key == "alpha" and not v:  # a step size of 0 means ε/4
+        return "ε/4"
+    return f"{v:.3g}" if isinstance(v, float) else v
+
+
+def settings(cfg) -> dict:
+    """Everything the numbers depend on (a cached result is reused only when this matches)."""
+    return {"format": 2, "attacks": list(cfg.evaluate.attacks), "eps": list(cfg.evaluate.eps),
+            "params": {spec: cfg.evaluate.attack_params(spec) for spec in cfg.evaluate.attacks},
+            "metrics": metric_names(cfg), "batch_size": cfg.evaluate.batch_size,
+            "max_samples": cfg.evaluate.max_samples, "seed": cfg.run.seed, "split": cfg.evaluate.split,
+            "holdout": cfg.data.holdout,
+            "data": {"dataset": cfg.data.dataset, "backend": cfg.data.backend, "val_dir": cfg.data.val_dir,
+                     "ffcv_val": cfg.data.ffcv_val, "val_crop_ratio": cfg.data.val_crop_ratio}}
