@@ -95,6 +95,14 @@ class DataConfig:
     dali_decode: str = F("auto", "dali: auto (mixed = nvJPEG on the GPU when the loader's device is CUDA, else cpu) "
                          "| mixed | cpu")
     dali_prefetch: int = F(2, "dali: prefetch queue depth (batches in flight)")
+    val_labels: str = F("", "labels file that makes data.val_dir a flat folder of images (ImageNet's val): lines "
+                            "FILENAME SYNSET, FILENAME INDEX (0-based into the sorted train synsets), Kaggle's "
+                            "LOC_val_solution.csv, or the devkit ground truth (needs val_label_map); empty = "
+                            "val_dir is an ImageFolder")
+    val_label_map: str = F("", "devkit ILSVRC2012_ID -> synset map for integer val labels: the devkit's "
+                               "data/meta.mat (needs scipy) or a text file of 'ID SYNSET' lines (e.g. map_clsloc.txt)")
+    class_names: str = F("", "synset -> display name file (LOC_synset_mapping.txt / words.txt lines "
+                             "'n01440764 tench, Tinca tinca'); empty = the synset ids")
 
     def validate(self):
         _one_of("data", "dataset", self.dataset, ("digits", "imagefolder"))
@@ -119,18 +127,30 @@ class DataConfig:
             raise ConfigError(f"data.ffcv_jpeg_quality must be in [1, 100], got {self.ffcv_jpeg_quality}")
         if not 0 <= self.ffcv_compress_probability <= 1:
             raise ConfigError(f"data.ffcv_compress_probability must be in [0, 1], got {self.ffcv_compress_probability}")
+        if not 0 < self.val_crop_ratio <= 1:
+            raise ConfigError(f"data.val_crop_ratio must be in (0, 1] (0.875: resize 256, crop 224), "
+                              f"got {self.val_crop_ratio}")
+        if self.val_label_map and not self.val_labels:
+            raise ConfigError("data.val_label_map is set but data.val_labels is empty: set data.val_labels to the "
+                              "ground-truth file it maps")
 
 
 @dataclass
 class ModelConfig:
     name: str = F("resnet18", "teacher architecture: resnet18 | resnet18_small | convnet")
     width: int = F(64, "base width (64 = the standard ResNet-18; 128 = the DC/MTT ConvNet)")
+    init: str = F("", "start the teacher from these weights (never downloaded): a local torchvision state_dict, "
+                      "timm checkpoint or guardx model file, or torchvision:resnet18 (torchvision's ImageNet "
+                      "weights in the torch hub cache); empty = random init")
+    init_head: str = F("keep", "model.init's classifier: keep (its class count must match the data) | reset "
+                               "(re-initialise the classifier for this data's classes)")
 
     def validate(self):
         from guardx.models import MODELS
 
         MODELS.get(self.name, where="model.name")
         _positive("model", "width", self.width)
+        _one_of("model", "init_head", self.init_head, ("keep", "reset"))
 
 
 def _registry_fields(registry, *, owner: str) -> list[tuple[str, type, Any]]:
@@ -188,7 +208,8 @@ ObjectiveConfig = _objective_section()
 
 @dataclass
 class SqueezeConfig:
-    epochs: int = F(50, "training epochs of the teacher on real data")
+    epochs: int = F(50, "training epochs of the teacher on real data; 0 (with model.init) = the init weights are "
+                        "the teacher (SRe2L's ImageNet-1K baseline)")
     batch_size: int = F(32, "global batch size (split evenly over ranks)")
     lr: float = F(0.025, "SGD learning rate")
     momentum: float = F(0.9, "SGD momentum")
@@ -202,8 +223,8 @@ class SqueezeConfig:
                                        "batches (precise BN); 0 = keep the training-time averages (official)")
 
     def validate(self):
-        for k in ("epochs", "batch_size"):
-            _positive("squeeze", k, getattr(self, k))
+        _positive("squeeze", "epochs", self.epochs, allow_zero=True)  # 0 needs model.init: Config.validate
+        _positive("squeeze", "batch_size", self.batch_size)
         _one_of("squeeze", "schedule", self.schedule, ("cosine", "constant"))
 
 
@@ -412,6 +433,9 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.squeeze.epochs == 0 and not self.model.init:
+            raise ConfigError("squeeze.epochs=0 trains nothing: it needs model.init (pretrained weights that become "
+                              "the teacher, e.g. model.init=torchvision:resnet18)")
         return self
 
     def to_dict(self) -> dict:

@@ -76,7 +76,7 @@ def evaluate_checkpoint(path: Path, cfg: Config, *, label: str) -> dict:
     split = "holdout" if cfg.evaluate.split == "holdout" else "test" if cfg.data.dataset == "digits" else "val"
     loader = build_loader(data_cfg, split, ctx.rank, ctx.world_size, batch_size=cfg.evaluate.batch_size,
                           seed=cfg.run.seed, augment=False, device=ctx.device, max_samples=cfg.evaluate.max_samples,
-                          shard_block=True)
+                          shard_block=True, classes=meta.get("classes"))  # val labels follow the model's classes
     if loader.num_classes != meta.get("num_classes", loader.num_classes):
         raise ConfigError(f"{path} predicts {meta['num_classes']} classes but the {split} split has "
                           f"{loader.num_classes}: point data.* at the data it was trained on")

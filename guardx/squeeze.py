@@ -3,6 +3,10 @@
     guardx squeeze --config configs/demo.yaml objective.name=guard objective.mode=exact
     torchrun --nproc-per-node 8 -m guardx squeeze --config configs/imagenet1k.yaml distributed.backend=ddp
 
+With ``model.init`` the teacher starts from pretrained weights (``guardx.models.pretrained``): fine-tuned
+by the objective, or, with ``squeeze.epochs=0``, taken as it is (SRe2L's ImageNet-1K baseline uses
+torchvision's ResNet-18 so), optionally with ``squeeze.bn_recalibrate_batches``.
+
 Writes ``<run>/squeeze/``: ``ckpt/step_*.pt`` (every epoch; resumable), ``teacher.pt`` (final weights +
 metadata), ``metrics.json``. Rerunning resumes from the newest checkpoint; a finished stage is skipped.
 """
@@ -16,9 +20,11 @@ import torch
 from guardx.config import Config, dump_config
 from guardx.data import build_loader
 from guardx.distributed import build_engine, init_distributed, per_rank_batch
+from guardx.errors import ConfigError
 from guardx.loop import fit, recalibrate_bn
 from guardx.models import create_model
 from guardx.models._io import model_meta, save_model
+from guardx.models.pretrained import load_init
 from guardx.objectives import ObjectiveStep, build_objective
 from guardx.paths import layout
 from guardx.utils.checkpoint import Checkpointer
@@ -42,7 +48,15 @@ def run(cfg: Config) -> Path:
     num_classes = cfg.data.num_classes or loader.num_classes
     # 3. model from the registry, on its device before the optimiser is built
     model = create_model(cfg.model.name, num_classes=num_classes, width=cfg.model.width,
-                         resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std).to(ctx.device)
+                         resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std)
+    init = None
+    if cfg.model.init:  # pretrained start: the teacher itself (squeeze.epochs=0) or what the objective fine-tunes
+        if cfg.squeeze.epochs == 0 and cfg.objective.name != "plain":
+            raise ConfigError(f"squeeze.epochs=0 takes model.init as the teacher unchanged, so objective.name="
+                              f"{cfg.objective.name} would never act: set squeeze.epochs > 0 to fine-tune with it")
+        init = load_init(model, cfg.model.init, head=cfg.model.init_head, classes=loader.classes,
+                         model_name=cfg.model.name, width=cfg.model.width)
+    model = model.to(ctx.device)
     objective = build_objective(cfg.objective.name, **cfg.objective.params())
     total_steps = cfg.squeeze.epochs * math.ceil(len(loader) / cfg.distributed.grad_accum)  # optimiser steps
     if cfg.squeeze.max_steps:
@@ -65,11 +79,13 @@ def run(cfg: Config) -> Path:
     meta = model_meta(cfg, name=cfg.model.name, width=cfg.model.width, num_classes=num_classes,
                       classes=loader.classes)
     meta["objective"] = {"name": cfg.objective.name, **cfg.objective.params()}
+    if init is not None:
+        meta["init"] = {**init, "epochs": cfg.squeeze.epochs}
     if ctx.is_main:
         write_json({"objective": repr(objective), "steps": result.steps, "epochs": result.epochs_done,
                     "seconds_this_run": result.seconds, "samples_this_run": result.samples,
                     "img_per_s": result.samples / result.seconds if result.seconds else None,
-                    "bn_recalibrated_batches": recalibrated,
+                    "bn_recalibrated_batches": recalibrated, "init": init,
                     "skipped_files": sorted(getattr(loader, "skipped", [])), "history": result.history},
                    paths.metrics("squeeze"))
         save_model(paths.teacher, engine.model, meta)

@@ -95,9 +95,15 @@ class SeededAugmentation:
 class ImageFolderDataset(SeededAugmentation, torch.utils.data.Dataset):
     """``transform(pil_image, generator) -> float tensor`` (see ``guardx.data.transforms``)."""
 
-    def __init__(self, root: str | Path, transform: Callable, classes: list[str] | None = None):
+    def __init__(self, root: str | Path, transform: Callable, classes: list[str] | None = None,
+                 samples: list[tuple[str, int]] | None = None):
+        """``samples`` (with ``classes``): an already resolved split (see ``guardx.data.splits``),
+        e.g. a flat validation folder; otherwise ``root`` is scanned as an ImageFolder."""
         self.root = Path(root)
-        self.samples, self.classes = scan_image_folder(root, classes)
+        if samples is not None:
+            self.samples, self.classes = list(samples), list(classes or [])
+        else:
+            self.samples, self.classes = scan_image_folder(root, classes)
         self.transform = transform
 
     def __len__(self) -> int:

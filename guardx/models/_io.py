@@ -13,8 +13,13 @@ from guardx.utils.io import load_torch, save_torch
 
 
 def model_meta(cfg, *, name: str, width: int, num_classes: int, classes: list[str]) -> dict:
-    return {"name": name, "width": width, "num_classes": num_classes, "classes": list(classes),
+    meta = {"name": name, "width": width, "num_classes": num_classes, "classes": list(classes),
             "resolution": cfg.data.resolution, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+    if getattr(cfg.data, "class_names", ""):  # display names (data.class_names) for reports and figures
+        from guardx.data.splits import class_display_names
+
+        meta["class_names"] = class_display_names(cfg.data, classes)
+    return meta
 
 
 def build_from_meta(meta: dict) -> nn.Module:
