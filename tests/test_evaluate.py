@@ -150,12 +150,12 @@ def test_block_sharding_deals_fixed_global_blocks(n, world, block):
 
 
 def test_cli_flags_map_onto_the_config(tmp_path):
-    from guardx.cli import _evaluate_overrides, build_parser
+    from guardx.cli import _flag_overrides, build_parser
 
     args = build_parser().parse_args(["evaluate", "--checkpoint", "guard=a/t.pt,b/t.pt", "--checkpoint", "c.pt",
                                       "--attacks", "pgd100,square", "--eps", "1/255,0.01", "--out", str(tmp_path),
                                       "run.seed=3"])
-    cfg = load_config(None, args.overrides + _evaluate_overrides(args))
+    cfg = load_config(None, args.overrides + _flag_overrides(args))
     assert cfg.evaluate.checkpoints == ["guard=a/t.pt", "b/t.pt", "c.pt"]
     assert cfg.evaluate.attacks == ["pgd100", "square"] and cfg.run.seed == 3
     assert cfg.evaluate.eps == pytest.approx([1 / 255, 0.01]) and cfg.evaluate.out_dir == str(tmp_path)
