@@ -187,12 +187,30 @@ def test_gradnorm_value():
     assert stats["reg"] == pytest.approx(0.1 * g.flatten(1).pow(2).sum(1).mean().item(), rel=1e-6)
 
 
-def test_pixel_space_perturbs_the_model_input():
+class _Hidden(nn.Module):
+    """Calls the model; hides its normalising wrapper from split_normalizer."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("name, params", [("guard", {"mode": "lossdiff", "beta": 1.0}), ("guard", {"mode": "exact"}),
+                                          ("gradnorm", {})])
+def test_space_says_which_tensor_is_perturbed(name, params):
+    """normalized: the tensor after the model's normaliser (= pixel space of the inner network fed normalised
+    images); pixel: the images the model receives (= any space of a model whose normaliser is hidden)."""
     m = small_model().eval()
     x, y = batch()
-    _, st_norm = build_objective("guard", mode="lossdiff", beta=1.0, space="normalized")(m, x, y)
-    _, st_pix = build_objective("guard", mode="lossdiff", beta=1.0, space="pixel")(m, x, y)
-    assert st_norm["reg"] != pytest.approx(st_pix["reg"])
+    reg = {space: build_objective(name, space=space, **params)(m, x, y)[1]["reg"] for space in ("normalized", "pixel")}
+    inner = build_objective(name, space="pixel", **params)(m.net, m.normalize(x), y)[1]["reg"]
+    hidden = build_objective(name, space="normalized", **params)(_Hidden(m), x, y)[1]["reg"]
+    assert reg["normalized"] == pytest.approx(inner, rel=1e-9)
+    assert reg["pixel"] == pytest.approx(hidden, rel=1e-9)
+    assert reg["pixel"] != pytest.approx(reg["normalized"], rel=1e-3)  # std != 1: the spaces differ
 
 
 def test_unknown_objective():
