@@ -52,6 +52,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[No
         raise GuardxError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(blob, dict) or "model" not in blob or "meta" not in blob:
         raise GuardxError(f"{path} is not a guardx model file (expected keys 'model' and 'meta')")
-    model = build_from_meta(blob["meta"])
+    # the random initialisation is overwritten at once; drawing it from a forked RNG keeps loading a file from
+    # shifting what the caller draws next (train's student weights must not depend on relabel.mode)
+    with torch.random.fork_rng(devices=[]):
+        model = build_from_meta(blob["meta"])
     model.load_state_dict(blob["model"])
     return model.to(device).eval(), blob["meta"]
