@@ -14,7 +14,7 @@ PAPER = {"squeeze.epochs": 50, "squeeze.lr": 0.025, "recover.iterations": 2000, 
          "train.epochs": 300, "model.name": "resnet18", "model.width": 64}
 
 
-@pytest.mark.parametrize("path", ["configs/imagenette.yaml", "configs/imagenet1k.yaml"])
+@pytest.mark.parametrize("path", ["configs/imagenette.yaml", "configs/tinyimagenet.yaml", "configs/imagenet1k.yaml"])
 def test_paper_configs_resolve_to_the_papers_settings(path):
     """What each method of a shipped paper config runs (defaults, then the file, then the method's own
     objective and its distiller's adjustments) is section 5.1's recipe, with DESIGN's GUARD defaults."""
