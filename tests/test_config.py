@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 # GUARD paper, section 5.1: squeeze 50 epochs at lr 0.025, h = 3 and lambda = 100, recover 2000 iterations,
 # 300 epochs of soft labels, a ResNet-18 student trained 300 epochs
 PAPER = {"squeeze.epochs": 50, "squeeze.lr": 0.025, "recover.iterations": 2000, "relabel.epochs": 300,
-         "train.epochs": 300, "model.name": "resnet18", "model.width": 64}
+         "train.epochs": 300, "model.width": 64}
 
 
 @pytest.mark.parametrize("path", ["configs/imagenette.yaml", "configs/tinyimagenet.yaml", "configs/imagenet1k.yaml"])
@@ -29,6 +29,8 @@ def test_paper_configs_resolve_to_the_papers_settings(path):
             section, field = key.split(".")
             assert getattr(getattr(mcfg, section), field) == value, (name, key)
     guard = build_objective("guard", **methods["guard"].objective.params())
+        # ResNet-18: the ImageNet stem, or at 64 px (Tiny-ImageNet) the small-image stem as SRe2L's code uses
+        assert mcfg.model.name == ("resnet18_small" if mcfg.data.resolution <= 64 else "resnet18"), name
     assert guard.h == 3.0 and (guard.beta == 1e-4 if guard.mode == "lossdiff" else guard.lam == 100.0)
     assert build_objective(methods["sre2l"].objective.name).__class__.__name__ == "Plain"
 
