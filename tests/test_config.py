@@ -28,9 +28,9 @@ def test_paper_configs_resolve_to_the_papers_settings(path):
         for key, value in PAPER.items():
             section, field = key.split(".")
             assert getattr(getattr(mcfg, section), field) == value, (name, key)
-    guard = build_objective("guard", **methods["guard"].objective.params())
         # ResNet-18: the ImageNet stem, or at 64 px (Tiny-ImageNet) the small-image stem as SRe2L's code uses
         assert mcfg.model.name == ("resnet18_small" if mcfg.data.resolution <= 64 else "resnet18"), name
+    guard = build_objective("guard", **methods["guard"].objective.params())
     assert guard.h == 3.0 and (guard.beta == 1e-4 if guard.mode == "lossdiff" else guard.lam == 100.0)
     assert build_objective(methods["sre2l"].objective.name).__class__.__name__ == "Plain"
 
