@@ -1,0 +1,1 @@
+"""Distillers beyond SRe2L: each turns real data into a distilled set (ImageFolder + manifest)."""
