@@ -88,9 +88,11 @@ def save_png(img: torch.Tensor, path: Path) -> None:
 
 
 def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resolution: int, seed: int,
-               show_progress: bool = False, history: list | None = None) -> torch.Tensor:
+               show_progress: bool = False, history: list | None = None, scale_at=None) -> torch.Tensor:
     """Optimise one batch of images for ``targets``; returns float images in [0, 1] (pixel space).
-    ``history``, if given, receives the loss of every iteration (a host sync per step: tests/analysis only)."""
+    ``history``, if given, receives the loss of every iteration (a host sync per step: tests/analysis only).
+    ``scale_at(it) -> (lo, hi)``, if given, sets the crop scale range per iteration (CDA's curriculum,
+    :func:`guardx.distill.cda.scale_schedule`); default: ``recover.rrc_scale`` throughout."""
     rc = cfg.recover
     net = teacher.net  # optimise in the normalised space, as the official code does
     device = targets.device
@@ -105,7 +107,8 @@ def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resol
         for it in bar:
             for group in opt.param_groups:
                 group["lr"] = rc.lr * cosine_lr(it, rc.iterations)
-            xj = random_resized_crop_batch(x, resolution, rc.rrc_scale, rc.flip, gen)
+            scale = rc.rrc_scale if scale_at is None else scale_at(it)
+            xj = random_resized_crop_batch(x, resolution, scale, rc.flip, gen)
             if rc.jitter:
                 dx, dy = torch.randint(0, rc.jitter + 1, (2,), generator=gen).tolist()
                 xj = torch.roll(xj, shifts=(dx, dy), dims=(2, 3))
@@ -126,7 +129,7 @@ def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resol
     return teacher.denormalize(x.detach()).clamp(0, 1)
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, *, scale_at=None) -> Path:
     out = stage_dir(cfg)
     manifest = out / "manifest.json"
     if manifest.is_file():
@@ -150,7 +153,8 @@ def run(cfg: Config) -> Path:
             continue
         targets = torch.tensor([c for c, _ in job], device=ctx.device)
         images = synthesize(teacher, targets, cfg, resolution=meta["resolution"],
-                            seed=derive_seed("recover", cfg.run.seed, j), show_progress=show and interactive())
+                            seed=derive_seed("recover", cfg.run.seed, j), show_progress=show and interactive(),
+                            scale_at=scale_at)
         for img, path in zip(images, paths):
             save_png(img, path)
         n_images += len(job)
