@@ -334,11 +334,15 @@ def stage_dir(cfg) -> Path:
 
 
 def load_real_by_class(data_cfg) -> tuple[list[torch.Tensor], list[str]]:
-    """The training split at ``data.resolution`` without augmentation, as one float tensor per class."""
+    """The training split at ``data.resolution`` without augmentation, as one float tensor per class.
+    Image folders: shorter side resized to the resolution, then centre-cropped — no eval margin
+    (``data.val_crop_ratio`` is not applied), so 32 px CIFAR images pass unchanged as in DC."""
+    import dataclasses
+
     from guardx.data import build_dataset
     from guardx.data.folder import collate_skip
 
-    ds = build_dataset(data_cfg, "train", augment=False)
+    ds = build_dataset(dataclasses.replace(data_cfg, val_crop_ratio=1.0), "train", augment=False)
     workers = 0 if data_cfg.dataset == "digits" else data_cfg.workers
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers, collate_fn=collate_skip)
     xs, ys, skipped = [], [], 0
