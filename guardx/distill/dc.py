@@ -22,10 +22,12 @@ on the images, plain SGD on θ, real images of a class drawn without replacement
 normalised space the network sees, and DSA applied to the normalised tensors (as DC's loaders normalise).
 
 Speed: instance norm couples no samples, so the synthetic side — many tiny per-class double-backward
-steps — runs for all classes at once (``torch.func.vmap`` over classes of the gradient of the matching
-distance; ``batched=False`` is the per-class loop, same maths). The real side stays one class per call:
-the objective is the shared one (GUARD's regulariser is never re-implemented here), and each call is
-already a batch of ``batch_real`` images.
+steps — runs for all classes at once (``torch.func.vmap`` over classes of ∇θ CE(S_c), then one backward to
+S; ``batched=False`` is the per-class loop, same maths). The real side stays one class per call: the
+objective is the shared one (GUARD's regulariser is never re-implemented here), and each call is already
+a batch of ``batch_real`` images (a vmapped plain-CE real side measured 3× slower on CPU). On CPU the
+vectorised synthetic side only wins for small steps (ipc 1, narrow nets): vmap's convolution backward
+computes ~2× the FLOPs of autograd's pruned one (``python -m guardx.bench.dc``).
 
 Ranks: classes are dealt out round-robin; each rank computes its classes' image gradients, one all-reduce
 sums them (disjoint rows), and every rank takes the same optimiser step and trains the same θ on the full
@@ -284,30 +286,26 @@ class GradientMatching:
         return rows.to(self.device), torch.cat(grads), torch.stack(dists)
 
     def _syn_grads_batched(self, net, params, grads_real, seeds):
-        """All of this rank's classes in one call: vmap over classes of ∂D_c/∂S_c (same maths as the loop)."""
-        from torch.func import functional_call, grad, grad_and_value, vmap
+        """All of this rank's classes in one call (same maths as the loop): ``vmap`` over classes of
+        ∇θ CE(S_c) — still an autograd graph in S — then the distances, then one backward to S."""
+        from torch.func import functional_call, grad, vmap
 
         names = [n for n, _ in net.named_parameters()]
         theta = {n: p.detach() for n, p in zip(names, params)}
         classes = self.my_classes
         rows = torch.cat([torch.arange(self._rows(c).start, self._rows(c).stop) for c in classes]).to(self.device)
-        x = self.images.detach()[rows].view(len(classes), self.ipc, *self.images.shape[1:])
-        if self.dsa is not None:
-            x.requires_grad_(True)
+        x = self.images.detach()[rows].view(len(classes), self.ipc, *self.images.shape[1:]).requires_grad_(True)
         xa = self._augment_syn(x, [seeds[c] for c in classes])
         y = torch.tensor(classes, device=self.device).view(-1, 1).expand(-1, self.ipc)
-        g_real = [torch.stack([grads_real[c][i] for c in classes]) for i in range(len(params))]
 
         def syn_loss(th, xs, ys):
             return F.cross_entropy(functional_call(net, th, (xs,)), ys)
 
-        def distance(xs, ys, gr, th):
-            g = grad(syn_loss)(th, xs, ys)
-            return match_distance([g[n] for n in names], gr)
-
-        g_xa, dist = vmap(grad_and_value(distance), in_dims=(0, 0, 0, None))(xa.detach(), y, g_real, theta)
-        g = torch.autograd.grad(xa, x, g_xa)[0] if self.dsa is not None else g_xa  # back through DSA
-        return rows, g.reshape(-1, *self.images.shape[1:]), dist
+        g_syn = vmap(grad(syn_loss), in_dims=(None, 0, 0))(theta, xa, y)  # {name: (K, *shape)}
+        g_real = [torch.stack([grads_real[c][i] for c in classes]) for i in range(len(params))]
+        dist = vmap(match_distance)([g_syn[n] for n in names], g_real)  # (K,)
+        (g,) = torch.autograd.grad(dist.sum(), x)  # rows of different classes do not interact
+        return rows, g.reshape(-1, *self.images.shape[1:]), dist.detach()
 
     def _train_net(self, net: nn.Module, opt: torch.optim.Optimizer, it: int, ol: int) -> None:
         """DC's ``epoch('train', ...)`` × inner_loop on the whole synthetic set: shuffled batches of
