@@ -238,6 +238,8 @@ class RecoverConfig:
     first_bn_multiplier: float = F(10.0, "extra weight of the first BatchNorm layer's term")
     jitter: int = F(32, "max random roll (pixels) applied each iteration")
     rrc_scale: list = F([0.08, 1.0], "RandomResizedCrop area range applied each iteration")
+    crop_schedule: str = F("fixed", "fixed (rrc_scale throughout: SRe2L) | cda (CDA's curriculum from the cda.* "
+                                    "section: the lower bound falls from cda.scale_start to cda.scale_end)")
     flip: bool = F(True, "random horizontal flip each iteration")
     ipc: int = F(50, "images per class")
     classes: list = F([], "class indices to synthesise; empty = all")
@@ -246,6 +248,7 @@ class RecoverConfig:
         for k in ("iterations", "batch_size", "ipc"):
             _positive("recover", k, getattr(self, k))
         _positive("recover", "jitter", self.jitter, allow_zero=True)
+        _one_of("recover", "crop_schedule", self.crop_schedule, ("fixed", "cda"))
 
 
 @dataclass
@@ -429,6 +432,8 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     buffers: "BuffersConfig" = field(default_factory=lambda: BuffersConfig())
     mtt: "MTTConfig" = field(default_factory=lambda: MTTConfig())
+    dc: "DCConfig" = field(default_factory=lambda: DCConfig())
+    cda: "CDAConfig" = field(default_factory=lambda: CDAConfig())
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -670,3 +675,71 @@ class MTTConfig:
         if self.labels == "auto":
             return "assign" if self.tesla else "hard"
         return self.labels
+
+
+# --------------------------------------------------------------------------- distillers beyond SRe2L
+
+@dataclass
+class DCConfig:
+    ipc: int = F(10, "synthetic images per class")
+    iterations: int = F(1000, "outer iterations, each from a fresh network theta0 ~ p(theta0) (DC's Iteration, "
+                               "Algorithm 1's K)")
+    outer_loops: int = F(0, "synthetic-set updates per iteration (DC's outer_loop, Algorithm 1's T); 0 = DC's "
+                            "value for the ipc (1: 1, 10: 10, 20: 20, 30: 30, 40: 40, 50: 50)")
+    inner_loops: int = F(0, "epochs of network training on the synthetic set between two synthetic updates "
+                            "(DC's inner_loop); 0 = DC's value for the ipc (1: 1, 10: 50, 20: 25, 30: 20, 40: 15, 50: 10)")
+    lr_img: float = F(0.1, "SGD learning rate of the synthetic images (normalised space)")
+    momentum_img: float = F(0.5, "SGD momentum of the synthetic images")
+    lr_net: float = F(0.01, "SGD learning rate of the network trained on the synthetic set (no momentum)")
+    batch_real: int = F(256, "real images per class per synthetic update")
+    batch_train: int = F(256, "batch size of the network training on the synthetic set")
+    init: str = F("real", "synthetic images start as random real images of their class (real) or N(0, 1) "
+                          "noise in the normalised space (noise)")
+    dsa: bool = F(False, "differentiable siamese augmentation (DSA) of the real and synthetic batches "
+                         "(the same transform for both) and of the network's training batches")
+    dsa_strategy: str = F("color_crop_cutout_flip_scale_rotate", "DSA families, one drawn per batch")
+    model: str = F("convnet", "network whose gradients are matched (DC/MTT ConvNet)")
+    width: int = F(128, "network width")
+    depth: int = F(0, "ConvNet depth; 0 = by resolution (3 at 32 px, 4 at 64, 5 at 128)")
+    batched: bool = F(True, "compute every class's synthetic-image gradient in one vectorised call "
+                            "(torch.func.vmap); false = one class at a time (same maths)")
+    ckpt_every: int = F(10, "checkpoint every N iterations (and at the end); a rerun resumes from the newest")
+
+    def validate(self):
+        from guardx.data.dsa import DSA
+        from guardx.distill.dc import DC_LOOPS
+        from guardx.models import is_model, list_models
+
+        for k in ("ipc", "iterations", "lr_img", "lr_net", "batch_real", "batch_train", "width", "ckpt_every"):
+            _positive("dc", k, getattr(self, k))
+        for k in ("outer_loops", "inner_loops", "depth"):
+            _positive("dc", k, getattr(self, k), allow_zero=True)
+        _one_of("dc", "init", self.init, ("real", "noise"))
+        if (not self.outer_loops or not self.inner_loops) and self.ipc not in DC_LOOPS:
+            raise ConfigError(f"dc.ipc={self.ipc} has no DC loop counts (DC defines them for ipc {sorted(DC_LOOPS)}): "
+                              "set dc.outer_loops and dc.inner_loops")
+        try:
+            DSA(self.dsa_strategy)
+        except ValueError as e:
+            raise ConfigError(f"dc.dsa_strategy: {e}") from None
+        if not is_model(self.model):
+            raise ConfigError(f"dc.model={self.model!r} is not a known model{did_you_mean(self.model, list_models())}")
+
+
+@dataclass
+class CDAConfig:
+    schedule: str = F("cosine", "how the lower bound of recover's random-resized-crop scale falls from "
+                                "scale_start to scale_end: step | linear | cosine (CDA's easy2hard_mode)")
+    milestone: float = F(1.0, "fraction of the recover iterations over which it falls (then scale_end); "
+                              "0 = no curriculum (scale_end throughout: SRe2L's crop)")
+    scale_start: float = F(1.0, "lower crop-scale bound at iteration 0 (1.0 = whole image)")
+    scale_end: float = F(0.08, "lower crop-scale bound from the milestone on")
+    scale_max: float = F(1.0, "upper crop-scale bound throughout")
+
+    def validate(self):
+        _one_of("cda", "schedule", self.schedule, ("step", "linear", "cosine"))
+        if not 0 <= self.milestone <= 1:
+            raise ConfigError(f"cda.milestone must be in [0, 1], got {self.milestone}")
+        if not 0 < self.scale_end <= self.scale_start <= self.scale_max <= 1:
+            raise ConfigError("cda: need 0 < scale_end <= scale_start <= scale_max <= 1, got "
+                              f"{self.scale_end}, {self.scale_start}, {self.scale_max}")

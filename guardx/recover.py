@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from guardx.config import Config
 from guardx.data.distilled import distilled_manifest, image_path, save_png
 from guardx.data.transforms import random_resized_crop_batch
+from guardx.distill.cda import scale_schedule
 from guardx.distributed import init_distributed
 from guardx.errors import GuardxError
 from guardx.models import Normalized
@@ -69,9 +70,11 @@ def plan_jobs(num_classes: int, classes: list[int], ipc: int, batch_size: int) -
 
 
 def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resolution: int, seed: int,
-               show_progress: bool = False, history: list | None = None) -> torch.Tensor:
+               show_progress: bool = False, history: list | None = None, scale_at=None) -> torch.Tensor:
     """Optimise one batch of images for ``targets``; returns float images in [0, 1] (pixel space).
-    ``history``, if given, receives the loss of every iteration (a host sync per step: tests/analysis only)."""
+    ``history``, if given, receives the loss of every iteration (a host sync per step: tests/analysis only).
+    ``scale_at(it) -> (lo, hi)``, if given, sets the crop scale range per iteration (CDA's curriculum,
+    :func:`guardx.distill.cda.scale_schedule`); default: ``recover.rrc_scale`` throughout."""
     rc = cfg.recover
     net = teacher.net  # optimise in the normalised space, as the official code does
     device = targets.device
@@ -86,7 +89,8 @@ def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resol
         for it in bar:
             for group in opt.param_groups:
                 group["lr"] = rc.lr * cosine_lr(it, rc.iterations)
-            xj = random_resized_crop_batch(x, resolution, rc.rrc_scale, rc.flip, gen)
+            scale = rc.rrc_scale if scale_at is None else scale_at(it)
+            xj = random_resized_crop_batch(x, resolution, scale, rc.flip, gen)
             if rc.jitter:
                 dx, dy = torch.randint(0, rc.jitter + 1, (2,), generator=gen).tolist()
                 xj = torch.roll(xj, shifts=(dx, dy), dims=(2, 3))
@@ -122,19 +126,22 @@ def run(cfg: Config) -> Path:
     jobs = plan_jobs(meta["num_classes"], list(cfg.recover.classes), cfg.recover.ipc, cfg.recover.batch_size)
     mine = list(range(ctx.rank, len(jobs), ctx.world_size))
     root = paths.recover_images
+    # CDA's curriculum (recover.crop_schedule=cda): the crop's lower scale bound falls over the iterations
+    scale_at = scale_schedule(cfg.cda, cfg.recover.iterations) if cfg.recover.crop_schedule == "cda" else None
     t0, n_images, n_done_before = time.perf_counter(), 0, 0
     show = cfg.run.progress and ctx.is_main
     bar = progress(mine, enabled=show, desc="recover jobs", unit="job")
     for j in bar:
         job = jobs[j]
-        paths = [image_path(root, classes[c], k) for c, k in job]
-        if all(p.is_file() for p in paths):
+        files = [image_path(root, classes[c], k) for c, k in job]
+        if all(f.is_file() for f in files):
             n_done_before += len(job)
             continue
         targets = torch.tensor([c for c, _ in job], device=ctx.device)
         images = synthesize(teacher, targets, cfg, resolution=meta["resolution"],
-                            seed=derive_seed("recover", cfg.run.seed, j), show_progress=show and interactive())
-        for img, path in zip(images, paths):
+                            seed=derive_seed("recover", cfg.run.seed, j), show_progress=show and interactive(),
+                            scale_at=scale_at)
+        for img, path in zip(images, files):
             save_png(img, path)
         n_images += len(job)
         bar.set_postfix(img_per_s=f"{n_images * cfg.recover.iterations / (time.perf_counter() - t0):.0f}")

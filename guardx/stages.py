@@ -12,6 +12,7 @@ STAGE_MODULES = {
     "squeeze": "guardx.squeeze",        # teacher on real data (SRe2L, CDA)
     "recover": "guardx.recover",        # images from the teacher's BN statistics (SRe2L, CDA)
     "relabel": "guardx.relabel",        # teacher soft labels on stored crops (SRe2L, CDA)
+    "dc": "guardx.distill.dc",          # gradient matching (DC, GUARD(DC))
     "buffers": "guardx.distill.buffers",  # expert trajectories on real data (MTT, TESLA)
     "mtt": "guardx.distill.mtt",        # trajectory matching (mtt.tesla: TESLA)
     "train": "guardx.train",            # student on any distilled set
@@ -22,6 +23,7 @@ STAGE_HELP = {
     "squeeze": "train the teacher on real data with the configured objective",
     "recover": "synthesise images from the teacher's BatchNorm statistics (SRe2L/CDA)",
     "relabel": "store the teacher's soft labels on random crops of the distilled images",
+    "dc": "distil with DC's gradient matching (objective.*: GUARD(DC), the paper's Algorithm 1)",
     "buffers": "train the expert trajectories MTT and TESLA match (objective.*: GUARD(MTT))",
     "mtt": "distil with MTT (mtt.tesla=true: TESLA) from the expert buffers",
     "train": "train a student on the distilled set",

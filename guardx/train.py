@@ -49,6 +49,8 @@ def student_recipe(cfg: Config, manifest: dict) -> Config:
         return cfg
     keys = ("optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size", "augment", "dsa_strategy")
     values = {k: recipe[k] for k in keys if k in recipe}
+    if manifest.get("model") and not cfg.train.model:  # the architecture the set was distilled with
+        values.update(model=manifest["model"]["name"], width=manifest["model"]["width"])
     if "lr_decay" in recipe:  # x factor from a given epoch: guardx's step schedule (x0.1 at half the steps)
         values["schedule"] = "step"
     if recipe.get("loss") == "soft_ce":  # cross-entropy to softmax(stored logits) = KL at temperature 1
@@ -103,7 +105,7 @@ class DSAObjective:
 
     def __call__(self, model, x, targets):
         seed = int(torch.randint(0, 2**62, (1,)))
-        return self.objective(model, self.dsa(x, seed), targets)
+        return self.objective(model, self.dsa(x, seed, per_sample=True), targets)  # DC/MTT train: per image
 
 
 def _augmented(cfg: Config, objective):
@@ -140,8 +142,10 @@ def run(cfg: Config) -> Path:
     name = cfg.train.model or cfg.model.name
     width = cfg.train.width or cfg.model.width
     whiten = ZCA.from_state(load_torch(paths.distilled / manifest["zca"])) if manifest.get("zca") else None
+    spec = manifest.get("model") or {}
+    depth = spec.get("depth") if spec.get("name") == name else None  # e.g. an explicit ConvNet depth
     student = create_model(name, num_classes=manifest["num_classes"], width=width, resolution=manifest["resolution"],
-                           mean=manifest["mean"], std=manifest["std"], whiten=whiten).to(ctx.device)
+                           mean=manifest["mean"], std=manifest["std"], whiten=whiten, depth=depth).to(ctx.device)
     total_steps = cfg.train.epochs * math.ceil(len(loader) / cfg.distributed.grad_accum)  # optimiser steps
     if cfg.train.optimizer == "sgd":
         optimizer = torch.optim.SGD(student.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
@@ -164,6 +168,8 @@ def run(cfg: Config) -> Path:
         meta.update(resolution=manifest["resolution"], mean=manifest["mean"], std=manifest["std"])
         if whiten is not None:
             meta["zca"] = {"shape": list(whiten.shape), "eps": whiten.eps}
+        if depth is not None:
+            meta["depth"] = depth
         write_json({"objective": repr(objective), "labels": manifest["labels"], "steps": result.steps,
                     "epochs": result.epochs_done, "distilled_images": len(dataset), "seconds_this_run": result.seconds,
                     "history": result.history}, paths.metrics("train"))

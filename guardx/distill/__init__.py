@@ -43,6 +43,21 @@ def configure_sre2l(cfg):
     return cfg
 
 
+@register_distiller("cda", stages=("squeeze", "recover", "relabel"), output="recover", labels="teacher",
+                    teacher=True, help="CDA (Yin & Shen 2023): SRe2L with a curriculum of crops in recover (the lower "
+                                       "bound of the crop scale falls over the iterations, cda.*)")
+def configure_cda(cfg):
+    cfg.recover.crop_schedule = "cda"
+    return cfg
+
+
+@register_distiller("dc", stages=("dc",), output="dc", labels="hard", teacher=False,
+                    help="DC (Zhao et al. 2021): match the gradients of real and synthetic batches, class by class, "
+                         "on fresh networks (Algorithm 1 with GUARD's objective as the real-data loss: GUARD(DC))")
+def configure_dc(cfg):
+    return cfg
+
+
 @register_distiller("mtt", stages=("buffers", "mtt"), output="mtt", labels="hard", teacher=False,
                     help="MTT (Cazenavette et al. 2022): match expert training trajectories (buffers) with a few "
                          "steps on the synthetic set and a learned step size")

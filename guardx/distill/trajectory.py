@@ -165,7 +165,9 @@ def build_augment(strategy: str):
     except ImportError:
         raise ConfigError(f"DSA augmentation ({strategy!r}) needs guardx.data.dsa, which this checkout lacks; "
                           "set buffers.dsa_strategy=none / mtt.dsa_strategy=none to run without it") from None
-    return DSA(strategy=strategy)
+    dsa = DSA(strategy=strategy)
+    # MTT's DiffAugment with seed -1: an independent draw per image (seeded here, so it can be replayed)
+    return lambda x, seed: dsa(x, seed, per_sample=True)
 
 
 def num_batches(n: int, batch_size: int) -> int:
