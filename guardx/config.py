@@ -378,6 +378,10 @@ class MethodConfig:
     objective: dict = F({}, "overrides of the `objective` section: the objective of the distiller's real-data "
                             "training (e.g. GUARD in the squeeze)")
     overrides: dict = F({}, "overrides of any other section for this method, e.g. {train: {lr: 0.01}}")
+    baseline: str = F("", "the method this one is compared with; empty = pipeline.baseline")
+    column: str = F("", "column of the paper-style table (methods as columns, attacks as rows), e.g. GUARD(DC); "
+                        "empty = no such table")
+    group: str = F("", "row group of the paper-style table, e.g. IPC 10")
 
 
 @dataclass
@@ -405,9 +409,10 @@ class PipelineConfig:
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ConfigError(f"pipeline.methods names must be unique, got {names}")
-        if self.baseline and self.baseline not in names:
-            raise ConfigError(f"pipeline.baseline={self.baseline!r} is not one of the methods "
-                              f"{names}{did_you_mean(self.baseline, names)}")
+        for key, value in [("pipeline.baseline", self.baseline)] + \
+                [(f"pipeline.methods.{m.name}.baseline", m.baseline) for m in self.methods]:
+            if value and value not in names:
+                raise ConfigError(f"{key}={value!r} is not one of the methods {names}{did_you_mean(value, names)}")
         for m in self.methods:
             DISTILLERS.get(m.distiller, where=f"pipeline.methods.{m.name}.distiller")
             bad = [k for k in m.overrides if k in ("objective", "pipeline")]

@@ -53,6 +53,21 @@ def _figure(rows: int, cols: int, width: float = 4.2, height: float = 3.2):
 
 
 # ---------------------------------------------------------------------------------------------- sections
+def _paper_table(report: dict, cfg) -> str:
+    """The paper's layout (methods as columns, attacks as rows per group) as HTML, when methods declare columns."""
+    from guardx.report import paper_table
+
+    md = paper_table(report, cfg)
+    if not md:
+        return ""
+    rows = [r.strip("|").split("|") for r in md.splitlines() if not r.startswith("|---")]
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
+    left = ' class="l"'
+    body = "".join("<tr>" + "".join(f"<td{left if i < 2 else ''}>{html.escape(c.strip())}</td>"
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows[1:])
+    return f"<p>Students in the paper's layout (accuracy %):</p><table><tr>{head}</tr>{body}</table>"
+
+
 def _tables(report: dict) -> str:
     names = report["metrics"]
     head = "".join(f"<th>{html.escape(m)}</th>" for m in names)
@@ -65,7 +80,7 @@ def _tables(report: dict) -> str:
                    f"<td>{len(s['seeds'])}</td>{cells}</tr>")
     out.append("</table>")
     if report.get("comparisons"):
-        out.append(f"<p>Paired differences with the baseline <b>{html.escape(report['baseline'])}</b> "
+        out.append("<p>Paired differences with each method's baseline "
                    "(accuracy points, same seeds; verdict from the 95% interval):</p>")
         out.append('<table><tr><th class="l">method − baseline</th><th class="l">model</th><th class="l">metric</th>'
                    '<th>difference</th><th>95% CI</th><th class="l">verdict</th><th class="l">interval from</th></tr>')
@@ -189,7 +204,7 @@ def render_html(report: dict, cfg) -> str:
     from guardx.report import settings_line
 
     seeds = ", ".join(map(str, report.get("seeds", [])))
-    sections = [("Accuracy", _tables(report)), ("Robust accuracy against ε", _accuracy_vs_eps(report)),
+    sections = [("Accuracy", _paper_table(report, cfg) + _tables(report)), ("Robust accuracy against ε", _accuracy_vs_eps(report)),
                 ("Distilled images", _distilled_images(report)), ("Squeeze curves", _squeeze_curves(report)),
                 ("Stage timings", _timings(report)), ("Environment", _environment(report))]
     body = "\n".join(f"<h2>{title}</h2>\n{content}" for title, content in sections)

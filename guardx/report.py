@@ -71,6 +71,7 @@ def summarize(report: dict, cfg) -> dict:
     metrics = report["metrics"]
     methods = [m.name for m in cfg.pipeline.methods]
     baseline = cfg.pipeline.baseline or methods[0]
+    baseline_of = {m.name: m.baseline or baseline for m in cfg.pipeline.methods}
     by_key: dict[tuple[str, str], dict[int, dict]] = {}
     for r in report["rows"]:
         by_key.setdefault((r["method"], r["model"]), {})[r.get("seed", cfg.run.seed)] = r
@@ -81,8 +82,9 @@ def summarize(report: dict, cfg) -> dict:
             m: summary([per_seed[s]["accuracy"][m] for s in seeds]) for m in metrics}})
     comparisons = []
     for (method, model), per_seed in by_key.items():
-        base = by_key.get((baseline, model))
-        if method == baseline or base is None:
+        ref = baseline_of.get(method, baseline)
+        base = by_key.get((ref, model))
+        if method == ref or base is None:
             continue
         for m in metrics:
             shared = sorted(set(per_seed) & set(base))
@@ -92,7 +94,7 @@ def summarize(report: dict, cfg) -> dict:
                 if a.get("per_sample") and b.get("per_sample") and a["accuracy"]["n"] == b["accuracy"]["n"]:
                     n = a["accuracy"]["n"]
                     flags = (unpack_bits(a["per_sample"][m], n), unpack_bits(b["per_sample"][m], n))
-            comparisons.append({"method": method, "baseline": baseline, "model": model, "metric": m,
+            comparisons.append({"method": method, "baseline": ref, "model": model, "metric": m,
                                 **paired_comparison({s: r["accuracy"][m] for s, r in per_seed.items()},
                                                     {s: r["accuracy"][m] for s, r in base.items()},
                                                     per_sample=flags)})
@@ -107,6 +109,44 @@ def summary_table(report: dict) -> str:
         cells = [f"{s['metrics'][m]['mean']:.2f} ± {s['metrics'][m]['std']:.2f}" if len(s["seeds"]) > 1
                  else f"{s['metrics'][m]['mean']:.2f}" for m in names]
         lines.append(f"| {s['method']} | {s['model']} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_ATTACK_LABELS = {"clean": "None (Clean)", "pgd": "PGD", "fgsm": "FGSM", "mim": "MIM", "cw": "CW", "square": "Square",
+                  "autoattack": "AutoAttack"}
+
+
+def metric_label(metric: str, eps_count: int) -> str:
+    """The paper's row name of a metric: ``pgd100@1/255`` → ``PGD100`` (``PGD100 @ 1/255`` when several ε)."""
+    spec, _, eps = metric.partition("@")
+    name = spec.rstrip("0123456789")
+    label = _ATTACK_LABELS.get(name, name) + spec[len(name):]
+    return f"{label} @ {eps}" if eps and eps_count > 1 else label
+
+
+def paper_table(report: dict, cfg, model: str = "student") -> str:
+    """The paper's layout (Tables 2 and 5): a block of rows per group (e.g. IPC), one row per attack, one
+    column per method (``pipeline.methods[].column``); the ``model``'s accuracy, mean ± std over seeds."""
+    methods = [m for m in cfg.pipeline.methods if m.column]
+    if not methods:
+        return ""
+    columns = list(dict.fromkeys(m.column for m in methods))
+    groups = list(dict.fromkeys(m.group for m in methods))
+    cell = {(m.group, m.column): m.name for m in methods}
+    stats = {s["method"]: s for s in report.get("summary", []) if s["model"] == model}
+    eps_count = len(cfg.evaluate.eps)
+    lines = ["| group | attack | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for group in groups:
+        for metric in report["metrics"]:
+            cells = []
+            for column in columns:
+                s = stats.get(cell.get((group, column)))
+                if s is None:
+                    cells.append("–")
+                    continue
+                v = s["metrics"][metric]
+                cells.append(f"{v['mean']:.2f}" + (f" ± {v['std']:.2f}" if len(s["seeds"]) > 1 else ""))
+            lines.append(f"| {group} | {metric_label(metric, eps_count)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -134,9 +174,13 @@ def pipeline_markdown(report: dict, cfg) -> str:
              f"Accuracy (%) on {_subset(cfg)} test images, seeds {', '.join(map(str, seeds))}"
              + (" (mean ± sample std over seeds; per-seed values in report.json):" if len(seeds) > 1 else ":"), "",
              summary_table(report) if "summary" in report else results_table(report["rows"], report["metrics"]), ""]
+    table = paper_table(report, cfg)
+    if table:
+        lines += ["Students in the paper's layout (accuracy %, rows: attacks at "
+                  f"{', '.join(fmt_eps(e) for e in cfg.evaluate.eps)}):", "", table, ""]
     if report.get("comparisons"):
-        lines += [f"Paired comparison with the baseline **{report['baseline']}** (same seeds; verdict from the 95% "
-                  "interval of the difference: better / worse / within noise):", "", comparison_table(report), ""]
+        lines += [f"Paired comparison with each method's baseline (same seeds; verdict from the 95% interval of the "
+                  "difference: better / worse / within noise):", "", comparison_table(report), ""]
     lines += ["Methods (distiller; real-data objective):", ""]
     lines += [f"- **{m.name}**: {m.distiller}; {m.objective or {'name': 'plain'}}"
               + (f"; overrides {m.overrides}" if m.overrides else "") for m in cfg.pipeline.methods]

@@ -62,3 +62,24 @@ def test_pipeline_runs_every_method_per_seed_and_compares_them(tiny_cfg):
     assert comp[0]["diffs"] == [acc[3] - base[3], acc[4] - base[4]]
     md = (out / "report.md").read_text()
     assert "guard − plain" in md and "Student t over 2 seeds" in md
+
+
+def test_paper_table_puts_methods_in_columns_and_attacks_in_rows():
+    from guardx.config import load_config
+    from guardx.report import metric_label, paper_table, summarize
+
+    cfg = load_config(None, ["evaluate.attacks=[pgd100,cw]", "evaluate.eps=[1/255]", "pipeline.methods=["
+                             "{name: a1, column: DC, group: IPC 1}, {name: b1, column: GUARD(DC), group: IPC 1}, "
+                             "{name: a10, column: DC, group: IPC 10}]"])
+    metrics = ["clean", "pgd100@1/255", "cw"]
+    rows = [{"method": m, "model": "student", "seed": 0, "accuracy": {"n": 10, "clean": c, "pgd100@1/255": c - 5,
+                                                                     "cw": c - 7}}
+            for m, c in (("a1", 30.0), ("b1", 31.0), ("a10", 45.0))]
+    report = {"rows": rows, "metrics": metrics}
+    report.update(summarize(report, cfg))
+    lines = paper_table(report, cfg).splitlines()
+    assert lines[0] == "| group | attack | DC | GUARD(DC) |"
+    assert lines[2:5] == ["| IPC 1 | None (Clean) | 30.00 | 31.00 |", "| IPC 1 | PGD100 | 25.00 | 26.00 |",
+                          "| IPC 1 | CW | 23.00 | 24.00 |"]
+    assert lines[5] == "| IPC 10 | None (Clean) | 45.00 | – |"  # no GUARD(DC) at ipc 10 here
+    assert metric_label("autoattack@4/255", 2) == "AutoAttack @ 4/255" and metric_label("mim20@1/255", 1) == "MIM20"
