@@ -29,7 +29,7 @@ def test_yaml_then_overrides(tmp_path):
     ("squeez.epochs=3", "unknown config key 'squeez' (did you mean 'squeeze'?)"),
     ("squeeze.epochs=three", "squeeze.epochs must be int"),
     ("objective.name=gaurd", "objective.name: unknown objective 'gaurd' (did you mean 'guard'?)"),
-    ("squeeze.batch_size=0", "squeeze.batch_size must be > 0"),
+    ("squeeze.batch_size=0", "squeeze.batch_size=0 is outside [1, inf)"),
     ("model.name=resnet81", "did you mean 'resnet18'"),
     ("run.progress=maybe", "run.progress must be true or false"),
 ])

@@ -226,7 +226,7 @@ def test_killed_rank_ends_the_run_which_resumes_on_one_rank(tmp_path):
     last = torch.load(sorted((out / "squeeze" / "ckpt").glob("step_*.pt"))[-1], weights_only=True)
     assert last["world_size"] == 2 and last["step"] >= 3 and not (out / "squeeze" / "teacher.pt").exists()
     steps = [f"squeeze.max_steps={last['step'] + 2}", "squeeze.schedule=constant"]
-    _single(out, *steps)
+    _single(out, *steps, "run.on_config_change=resume")  # max_steps is part of the fingerprint: resume on purpose
     _single(tmp_path / "uninterrupted", *steps)
     assert _metrics(out)["samples_this_run"] == 2 * 32
     _assert_same_model(_model(out / "squeeze" / "teacher.pt"),

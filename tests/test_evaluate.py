@@ -67,7 +67,7 @@ def test_robust_accuracy_never_exceeds_clean_and_reports_are_complete(tmp_path, 
     assert counts["autoattack@8/255"] < counts["clean"]  # the attacks did something
     out = tmp_path / "eval"
     saved = json.loads((out / "results.json").read_text())
-    assert saved["seed"] == cfg.run.seed and saved["settings"]["params"]["cw"]["c"] == 1e-5
+    assert saved["seed"] == cfg.run.seed and saved["settings"]["evaluate.attack_params"]["cw"]["c"] == 1e-5
     assert saved["rows"][0]["counts"] == counts
     lines = (out / "results.csv").read_text().splitlines()
     assert lines[0].startswith("method,model,checkpoint,metric,attack,eps,params,seed") and len(lines) == 1 + len(names)

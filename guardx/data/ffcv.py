@@ -156,9 +156,16 @@ def convert_image_folder(src: str | Path, dst: str | Path, *, max_resolution: in
         print(f"guardx: skipping unreadable image {s['path']} ({s['error']})", file=sys.stderr)
     if not good:
         raise DataError(f"no readable image in {src} ({len(skipped)} unreadable)")
+    counts = [0] * len(classes)
+    for i in good:
+        counts[samples[i][1]] += 1
+    if 0 in counts:  # a .beton with a class and no image of it would train a model with that class empty
+        empty = classes[counts.index(0)]
+        raise DataError(f"class {empty!r} has no readable image: all files in {Path(src) / empty} failed to decode "
+                        f"(listed above); fix or remove the class, then convert again")
     meta = {
         "format": META_FORMAT, "source": str(Path(src).resolve()), "classes": classes, "num_samples": len(good),
-        "skipped": skipped,
+        "class_counts": counts, "skipped": skipped,
         "settings": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode,
                      "compress_probability": compress_probability},
     }
@@ -250,6 +257,10 @@ class FFCVLoader(ShardedLoaderBase):
         from ffcv.transforms import ToTensor
 
         meta = read_meta(beton)
+        if 0 in meta.get("class_counts", []):  # written by a converter that did not refuse empty classes
+            empty = meta["classes"][meta["class_counts"].index(0)]
+            raise DataError(f"class {empty!r} has no image in {beton} (all its files were unreadable at conversion); "
+                            "fix or remove the class, then convert again")
         n = meta["num_samples"] if train or not max_samples else min(meta["num_samples"], max_samples)
         super().__init__(n, meta["classes"], batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                          train=train, shard_block=shard_block)

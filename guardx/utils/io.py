@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -131,9 +132,26 @@ def save_torch(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+class ReadError(GuardxError):
+    """A file exists but cannot be loaded (truncated, corrupt, or not a guardx file)."""
+
+
 def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a guardx artifact; ``weights_only=True`` so a checkpoint can never run code."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a guardx artifact; ``weights_only=True`` so a checkpoint can never run code. A file that does
+    not load is one :class:`ReadError` line (a missing one stays FileNotFoundError)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # torch's weights-only unpickler refused a class or function
+            raise ReadError(f"cannot read {path}: it holds objects other than tensors and plain data "
+                            "(refused: loading it could run code)") from None
+        raise ReadError(f"cannot read {path}: not a PyTorch file, or corrupt") from None
+    except Exception as e:  # noqa: BLE001  (truncated zip, bad magic, short read, ...)
+        text = str(e).strip().splitlines()[0].split(". ")[0][:160] if str(e).strip() else ""
+        raise ReadError(f"cannot read {path}: {'truncated or corrupt' if 'zip archive' in text else type(e).__name__}"
+                        f" ({text})" if text else f"cannot read {path}: {type(e).__name__}") from None
 
 
 def write_text(text: str, path: str | Path) -> None:
