@@ -68,7 +68,9 @@ def differences(recorded: dict, current: dict) -> list[str]:
 
 
 def _short(value) -> str:
-    text = json.dumps(value) if not isinstance(value, str) or value == "<unset>" else repr(value)
+    if value == "<unset>":
+        return value
+    text = repr(value) if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -193,6 +195,14 @@ def stage_guard(cfg, stage: str, *, ctx=None, folder: str | Path | None = None) 
         yield guard
 
 
+_NOT_WORK = {LOCK_NAME, FINGERPRINT, "config.yaml"}
+
+
+def _holds_work(folder: Path) -> bool:
+    """True when ``folder`` holds anything a stage made (beyond its lock, fingerprint and config copy)."""
+    return any(p.is_file() and p.name not in _NOT_WORK for p in folder.rglob("*"))
+
+
 def _check_folder(guard: StageGuard) -> None:
     """Compare ``fingerprint.json`` with the guard's settings and apply the policy (rank 0, lock held)."""
     record_path = guard.folder / FINGERPRINT
@@ -203,6 +213,8 @@ def _check_folder(guard: StageGuard) -> None:
         except (OSError, ValueError):
             aside = set_aside(record_path)
             warn(f"{guard.stage}: {record_path} is unreadable; set aside as {aside.name}")
+    if record is not None and record.get("digest") != guard.digest and not _holds_work(guard.folder):
+        record = None  # nothing to resume (e.g. the last attempt stopped on a bad path): just take the new settings
     if record is not None and record.get("digest") != guard.digest:
         what = f"the work in {guard.folder}"
         if not guard.accepts(record, what):  # restart: the stage's work goes, the lock stays

@@ -147,8 +147,8 @@ class TorchLoader:
                 self.skipped.add(path)
                 warnings.warn(f"skipping unreadable image {path} ({len(self.skipped)} skipped so far)",
                               stacklevel=2)
-            if fresh and self.train:
-                self.check_classes()  # this rank alone may already have seen all of a class fail
+            if fresh and self.train and self.sampler.world_size == 1:
+                self.check_classes()  # one process has seen all of a class fail (ranks pool theirs at epoch ends)
             if len(y) or self.shard_block:  # block mode keeps empty batches so batch k stays block k
                 yield x, y
 
