@@ -81,6 +81,7 @@ class StageGuard:
         self.stage, self.folder, self.policy, self.ctx = stage, Path(folder), policy, ctx
         self.settings = _normalised(settings)
         self.digest = digest(self.settings)
+        self._resumed: set = set()  # recorded digests already reported under run.on_config_change=resume
 
     def stamp(self) -> dict:
         """What checkpoints and manifests record: ``{"digest": ..., "settings": {...}}``."""
@@ -105,8 +106,10 @@ class StageGuard:
             raise ConfigError(self.mismatch_message(recorded["settings"], what))
         if self.policy == "restart":
             return False
-        warn(f"{self.stage}: continuing {what} with changed settings (run.on_config_change=resume): "
-             + "; ".join(differences(recorded["settings"], self.settings)[:_SHOWN_KEYS]))
+        if recorded.get("digest") not in self._resumed:  # once per earlier configuration, not once per file
+            self._resumed.add(recorded.get("digest"))
+            warn(f"{self.stage}: continuing {what} with changed settings (run.on_config_change=resume): "
+                 + "; ".join(differences(recorded["settings"], self.settings)[:_SHOWN_KEYS]))
         return True
 
     def finished(self, path: str | Path) -> bool:

@@ -145,8 +145,8 @@ class TorchLoader:
             fresh = [p for p in bad if p not in self.skipped]
             for path in fresh:
                 self.skipped.add(path)
-                warnings.warn(f"skipping unreadable image {path} ({len(self.skipped)} skipped so far)",
-                              stacklevel=2)
+                what = "training reads the next readable file instead" if self.train else "left out"
+                warnings.warn(f"unreadable image {path} ({len(self.skipped)} so far): {what}", stacklevel=2)
             if fresh and self.train and self.sampler.world_size == 1:
                 self.check_classes()  # one process has seen all of a class fail (ranks pool theirs at epoch ends)
             if len(y) or self.shard_block:  # block mode keeps empty batches so batch k stays block k
