@@ -113,8 +113,8 @@ class DataConfig:
     std: list[float] = F([0.229, 0.224, 0.225], "per-channel std, applied inside the model wrapper",
                          range="(0, inf)", length=3)
     ffcv_order: str = F("sharded", "ffcv: sharded (the seeded, sharded order every backend uses) | quasi_random "
-                        "(FFCV's page-aware order for a .beton larger than RAM, with ffcv_os_cache=false; one rank only)",
-                        choices=("sharded", "quasi_random"))
+                        "(FFCV's page-aware order for a .beton larger than RAM, with ffcv_os_cache=false; one rank "
+                        "only)", choices=("sharded", "quasi_random"))
     ffcv_os_cache: bool = F(True, "ffcv: read the .beton through the OS page cache (shared by the ranks of a node); "
                             "false = each process caches the pages it reads")
     ffcv_batches_ahead: int = F(3, "ffcv: batches decoded ahead of the consumer", range="[1, inf)")

@@ -42,7 +42,8 @@ class Interval:
 
     @classmethod
     def of(cls, spec) -> "Interval | None":
-        """``None``, an :class:`Interval`, a ``(low, high)`` tuple (closed), ``"pixels"`` or a string like ``"(0, 1]"``."""
+        """``None``, an :class:`Interval`, a ``(low, high)`` tuple (closed), ``"pixels"`` or a string such as
+        ``"(0, 1]"``."""
         if spec is None or isinstance(spec, Interval):
             return spec
         if spec == "pixels":
@@ -60,7 +61,9 @@ class Interval:
     def __str__(self) -> str:
         lo = "-inf" if self.lo is None else f"{self.lo:g}"
         hi = "inf" if self.hi is None else f"{self.hi:g}"
-        text = f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+        left = "(" if self.lo_open or self.lo is None else "["
+        right = ")" if self.hi_open or self.hi is None else "]"
+        text = f"{left}{lo}, {hi}{right}"
         return f"{text} in pixel units" if self.pixels else text
 
     def __contains__(self, v) -> bool:

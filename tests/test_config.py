@@ -109,7 +109,8 @@ def test_readme_config_reference_is_current():
     ("distributed.grad_accum=0", "distributed.grad_accum=0 is outside [1, inf)"),
     ("evaluate.square_p_init=2", "evaluate.square_p_init=2 is outside [0, 1]"),
     # choices and names, each with a did-you-mean
-    ("squeeze.schedule=cosin", "squeeze.schedule='cosin' is not one of ['cosine', 'constant'] (did you mean 'cosine'?)"),
+    ("squeeze.schedule=cosin",
+     "squeeze.schedule='cosin' is not one of ['cosine', 'constant'] (did you mean 'cosine'?)"),
     ("run.on_config_change=restrat", "(did you mean 'restart'?)"),
     ("distributed.zero_stage=4", "distributed.zero_stage=4 is not one of [0, 1, 2, 3]"),
     ("objective.name=Guard", "objective.name: unknown objective 'Guard' (did you mean 'guard'?)"),

@@ -18,6 +18,7 @@ The kill tests fork every run from a warm server (tests/fault_worker.py) so a ki
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -34,7 +35,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from guardx import evaluate, pipeline, recover, relabel, squeeze, train
+from guardx import evaluate, pipeline, recover, squeeze
 from guardx.errors import ConfigError, DataError, GuardxError, GuardxWarning, NonFiniteLossError
 from guardx.paths import layout
 from guardx.utils.lock import FolderInUseError, FolderLock
@@ -310,7 +311,8 @@ def test_a_failed_write_is_one_line_naming_the_file_and_leaves_nothing(tiny_cfg,
 
     monkeypatch.setattr(io.torch, "save", full)
     cfg = tiny_cfg("squeeze.ckpt_every_steps=1")
-    with pytest.raises(io.WriteError, match=r"^cannot write .*step_000000001.pt: no space left on device, \d+ MiB free$"):
+    with pytest.raises(io.WriteError, match=r"^cannot write .*step_000000001.pt: no space left on device, "
+                                            r"\d+ MiB free$"):
         squeeze.run(cfg)
     assert not _files(layout(cfg).stage("squeeze"), ".*.tmp") and not layout(cfg).teacher.exists()
 
@@ -436,6 +438,19 @@ def test_a_class_with_no_readable_image_is_an_error_naming_it(tiny_cfg, tmp_path
                                            r"failed to decode"):
         squeeze.run(cfg)
     assert not layout(cfg).teacher.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ffcv") is None, reason="needs the ffcv extra")
+def test_the_ffcv_converter_refuses_a_class_with_no_readable_image(tmp_path):
+    from guardx.data.ffcv import convert_image_folder
+    from guardx.data.synthetic import write_jpeg_tree
+
+    root = tmp_path / "tree"
+    write_jpeg_tree(root, classes=2, per_class=3, size=(20, 20),
+                    corrupt={f"class_000/img_{i:05d}.jpg": "truncated" for i in range(3)})
+    with pytest.raises(DataError, match=r"^class 'class_000' has no readable image"):
+        convert_image_folder(root, tmp_path / "x.beton", workers=1, show_progress=False)
+    assert not list(tmp_path.glob("*.beton*")) and not list(tmp_path.glob(".x.beton*"))
 
 
 def test_unreadable_training_images_are_replaced_so_batches_keep_their_size(tiny_cfg, tmp_path):

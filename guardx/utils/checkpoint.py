@@ -66,7 +66,8 @@ def require_finite(obj, what: str, ckpt: "Checkpointer | None" = None) -> None:
     if not all_finite(obj):
         stage = what.split(":")[0]
         last = f"; last good checkpoint: {ckpt.last_saved}" if ckpt is not None and ckpt.last_saved else ""
-        raise NonFiniteLossError(f"{what} holds non-finite values, so it was not saved ({nonfinite_advice(stage)}){last}")
+        raise NonFiniteLossError(f"{what} holds non-finite values, so it was not saved "
+                                 f"({nonfinite_advice(stage)}){last}")
 
 
 class Checkpointer:
