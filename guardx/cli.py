@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -93,14 +94,63 @@ def main(argv: list[str] | None = None) -> int:
     from guardx.errors import GuardxError
 
     args = build_parser().parse_args(argv)
+    restore = _install_handlers()
     try:
         return _dispatch(args)
     except GuardxError as e:
-        print(f"guardx: error: {e}", file=sys.stderr)
+        _report(f"guardx: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("guardx: interrupted; rerun the same command to resume", file=sys.stderr)
+        _report("guardx: interrupted; rerun the same command to resume")
         return 130
+    finally:
+        restore()
+
+
+def _report(line: str) -> None:
+    """The one line a user reads, flushed at once: under torchrun the process may be killed right after."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the message short
+    print(line, file=sys.stderr, flush=True)
+
+
+def _install_handlers():
+    """For the duration of a command: SIGTERM raises :class:`~guardx.errors.Terminated` in the main process
+    (torchrun stops the surviving ranks of a failed one with SIGTERM; without this they die silently and
+    only torchrun's summary is seen), and guardx warnings print as one ``guardx: warning: ...`` line.
+    Returns the function that restores the previous handlers."""
+    import threading
+    import warnings
+
+    from guardx.errors import GuardxWarning, Terminated
+
+    main_pid = os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != main_pid:  # a forked worker (data loading): die as SIGTERM intends
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one message, however many signals follow
+        raise Terminated("stopped by SIGTERM; rerun the same command to resume from the last checkpoint")
+
+    previous_format = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, GuardxWarning):
+            return f"guardx: warning: {message}\n"
+        return previous_format(message, category, filename, lineno, line)
+
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    warnings.formatwarning = formatwarning
+
+    def restore() -> None:
+        warnings.formatwarning = previous_format
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+    return restore
 
 
 def _dispatch(args) -> int:

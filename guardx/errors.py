@@ -18,6 +18,21 @@ class NonFiniteLossError(GuardxError):
     pass
 
 
+class Terminated(GuardxError):
+    """The process got SIGTERM (torchrun stops the other ranks this way when one fails; SLURM on cancel)."""
+
+
+class GuardxWarning(UserWarning):
+    """Something guardx handled for the user and reports in one line (e.g. a corrupt checkpoint set aside)."""
+
+
+def warn(message: str) -> None:
+    """A one-line ``guardx: warning: ...`` (the CLI formats :class:`GuardxWarning` without file and line)."""
+    import warnings
+
+    warnings.warn(message, GuardxWarning, stacklevel=2)
+
+
 class MissingDependencyError(GuardxError):
     def __init__(self, package: str, extra: str, what: str = ""):
         what = f" for {what}" if what else ""

@@ -44,6 +44,7 @@ from guardx.errors import ConfigError, GuardxError
 from guardx.models._io import load_model
 from guardx.paths import layout
 from guardx.report import write_evaluation
+from guardx.stage_guard import own_folder
 from guardx.utils.env import environment
 from guardx.utils.io import read_json, write_json
 from guardx.utils.misc import labelled_paths
@@ -68,7 +69,10 @@ def evaluate_checkpoint(path: Path, cfg: Config, *, label: str) -> dict:
     key_settings = {**settings(cfg), "checkpoint": _fingerprint(path)}
     ctx = init_distributed(cfg)
     if out.is_file():
-        previous = read_json(out)
+        try:
+            previous = read_json(out)
+        except (OSError, ValueError):
+            previous = {}  # an unreadable cached result is evaluated again
         if previous.get("settings") == key_settings:
             return previous
     model, meta = load_model(path, ctx.device)
@@ -103,19 +107,30 @@ def evaluate_checkpoint(path: Path, cfg: Config, *, label: str) -> dict:
 
 
 def run(cfg: Config) -> list[dict]:
-    """Evaluate ``evaluate.checkpoints``, or else the run's teacher (when ``pipeline.eval_teacher``) and student."""
+    """Evaluate ``evaluate.checkpoints``, or else the run's teacher (when ``pipeline.eval_teacher``) and student.
+
+    The results folder is this run's while it runs (a lock; leftovers of killed writes are removed first).
+    Nothing to evaluate is an error, not an empty table."""
     paths = layout(cfg)
-    rows = []
     if cfg.evaluate.checkpoints:
-        for label, path in labelled_paths(cfg.evaluate.checkpoints):
-            result = evaluate_checkpoint(path, cfg, label=label)
-            rows.append({"method": label, "model": result.get("architecture") or path.stem, **result})
+        todo = [(label, path, None) for label, path in labelled_paths(cfg.evaluate.checkpoints)]
     else:
-        for label, path in (("teacher", paths.teacher), ("student", paths.student)):
-            if path.is_file() and (label == "student" or cfg.pipeline.eval_teacher):
-                rows.append({"method": Path(cfg.run.out_dir).name, "model": label,
-                             **evaluate_checkpoint(path, cfg, label=label)})
+        wanted = [("teacher", paths.teacher)] if cfg.pipeline.eval_teacher else []
+        todo = [(label, path, Path(cfg.run.out_dir).name) for label, path in [*wanted, ("student", paths.student)]
+                if path.is_file()]
+        if not todo:
+            teacher = f"{paths.teacher} nor " if cfg.pipeline.eval_teacher else ""
+            raise GuardxError(f"nothing to evaluate: neither {teacher}{paths.student} exists; run the stages that "
+                              "write them (guardx pipeline), or name models with --checkpoint / evaluate.checkpoints")
     ctx = init_distributed(cfg)
-    if ctx.is_main and rows:
-        write_evaluation(rows, cfg, paths.evaluate)
+    rows = []
+    with own_folder(paths.evaluate, ctx, recursive=False, also=[paths.evaluate / ".partial"]):
+        for label, path, method in todo:
+            result = evaluate_checkpoint(path, cfg, label=label)
+            if method is None:  # named checkpoints: the label is the method
+                rows.append({"method": label, "model": result.get("architecture") or path.stem, **result})
+            else:
+                rows.append({"method": method, "model": label, **result})
+        if ctx.is_main:
+            write_evaluation(rows, cfg, paths.evaluate)
     return rows

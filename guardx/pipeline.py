@@ -18,6 +18,7 @@ from guardx.config import Config, dump_config
 from guardx.distill import DISTILLERS
 from guardx.distributed import init_distributed
 from guardx.report import summarize, write_pipeline_report
+from guardx.stage_guard import own_folder
 from guardx.stages import stage_module
 from guardx.utils.env import environment
 from guardx.utils.io import write_text
@@ -47,8 +48,13 @@ def method_stages(cfg: Config, method) -> list[str]:
 def run(cfg: Config) -> dict:
     base = Path(cfg.run.out_dir)
     ctx = init_distributed(cfg)
+    # one pipeline per out_dir: a second one stops at once naming this one (each stage also locks its folder)
+    with own_folder(base, ctx, recursive=False):
+        return _run(cfg, base, ctx)
+
+
+def _run(cfg: Config, base: Path, ctx) -> dict:
     if ctx.is_main:
-        base.mkdir(parents=True, exist_ok=True)
         write_text(dump_config(cfg), base / "config.yaml")
     t0 = time.perf_counter()
     rows, timings = [], {}

@@ -28,6 +28,7 @@ from guardx.errors import GuardxError
 from guardx.models import Normalized
 from guardx.models._io import load_model
 from guardx.paths import layout
+from guardx.stage_guard import stage_guard
 from guardx.utils.io import write_json
 from guardx.utils.misc import cosine_lr, derive_seed, interactive, progress
 
@@ -113,11 +114,18 @@ def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resol
 
 def run(cfg: Config) -> Path:
     paths = layout(cfg)
-    manifest = paths.manifest("recover")
-    if manifest.is_file():
-        return paths.recover_images
-    # 1. distributed context; 2. the frozen teacher on this rank's device
+    # 1. distributed context; this run owns recover/ and resumes only images made with its settings
     ctx = init_distributed(cfg)
+    with stage_guard(cfg, "recover", ctx=ctx) as guard:
+        if not guard.finished(paths.manifest("recover")):
+            _recover(cfg, ctx, guard)
+    return paths.recover_images
+
+
+def _recover(cfg: Config, ctx, guard) -> None:
+    paths = layout(cfg)
+    manifest = paths.manifest("recover")
+    # 2. the frozen teacher on this rank's device
     teacher, meta = load_model(paths.teacher, ctx.device)
     for p in teacher.parameters():
         p.requires_grad_(False)  # gradients flow to the images only
@@ -134,7 +142,7 @@ def run(cfg: Config) -> Path:
     for j in bar:
         job = jobs[j]
         files = [image_path(root, classes[c], k) for c, k in job]
-        if all(f.is_file() for f in files):
+        if all(p.is_file() for p in files):  # PNGs are written atomically: one on disk is complete
             n_done_before += len(job)
             continue
         targets = torch.tensor([c for c, _ in job], device=ctx.device)
@@ -158,6 +166,6 @@ def run(cfg: Config) -> Path:
                     "jobs": len(jobs), "world_size": ctx.world_size, "iterations": cfg.recover.iterations,
                     "synthesized_this_run": made, "reused": int(table[:, 1].sum()), "rank_seconds": seconds,
                     # image-iterations per second of the slowest rank: the stage's throughput
-                    "img_iters_per_s": made * cfg.recover.iterations / max(max(seconds), 1e-9)}, manifest)
+                    "img_iters_per_s": made * cfg.recover.iterations / max(max(seconds), 1e-9),
+                    "fingerprint": guard.stamp()}, manifest)  # last: the "done" mark
     ctx.barrier()
-    return root

@@ -28,6 +28,63 @@ from guardx.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
+class Interval:
+    """The allowed values of a numeric setting, written as in mathematics: ``[0, 1]``, ``(0, inf)``,
+    ``[1, inf)``. Registry entries and config fields declare one; :meth:`check` gives the one-line error.
+    A tuple ``(low, high)`` means the closed interval (``None`` = unbounded); ``"pixels"`` is [0, 1] for
+    a radius or step in pixel units (ε, α), whose error suggests k/255 for a value in (1, 255]."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    pixels: bool = False
+
+    @classmethod
+    def of(cls, spec) -> "Interval | None":
+        """``None``, an :class:`Interval`, a ``(low, high)`` tuple (closed), ``"pixels"`` or a string such as
+        ``"(0, 1]"``."""
+        if spec is None or isinstance(spec, Interval):
+            return spec
+        if spec == "pixels":
+            return cls(0, 1, pixels=True)
+        if isinstance(spec, tuple):
+            lo, hi = spec
+            return cls(lo, hi)
+        text = spec.replace(" ", "")
+        if len(text) < 5 or text[0] not in "[(" or text[-1] not in "])" or "," not in text:
+            raise ValueError(f"interval {spec!r} must look like [0, 1] or (0, inf)")
+        lo, hi = text[1:-1].split(",")
+        bound = lambda b: None if b in ("-inf", "inf") else float(b)  # noqa: E731
+        return cls(bound(lo), bound(hi), lo_open=text[0] == "(", hi_open=text[-1] == ")")
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        left = "(" if self.lo_open or self.lo is None else "["
+        right = ")" if self.hi_open or self.hi is None else "]"
+        text = f"{left}{lo}, {hi}{right}"
+        return f"{text} in pixel units" if self.pixels else text
+
+    def __contains__(self, v) -> bool:
+        if v != v:  # NaN is in no interval
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return not (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
+
+    def check(self, value: Any, where: str) -> None:
+        """ConfigError if ``value`` (a number) is outside; ``where`` names the key. A pixel-unit value in
+        (1, 255] gets the k/255 hint."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value in self:
+            return
+        hint = ""
+        if self.pixels and 1 < value <= 255:
+            hint = f" (did you mean {value:g}/255?)"
+        raise ConfigError(f"{where}={value:g} is outside {self}{hint}")
+
+
+@dataclass(frozen=True)
 class Param:
     """A user-settable parameter of an entry: default and type from the factory's signature."""
 
@@ -36,19 +93,12 @@ class Param:
     type: type
     help: str
     key: str  # the config key it is read from (usually ``name``; attacks prefix theirs)
-    range: tuple | None = None  # (low, high) inclusive, None for an open end; checked by the config
+    range: Interval | None = None  # allowed values; checked by the config
 
     def check(self, value: Any, where: str) -> None:
         """ConfigError if ``value`` is outside :attr:`range` (``where`` names the key for the message)."""
-        if self.range is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            return
-        lo, hi = self.range
-        if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):
-            span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            hint = ""
-            if hi == 1 and isinstance(value, (int, float)) and 1 < value <= 255:
-                hint = f" (did you mean {value:g}/255?)"
-            raise ConfigError(f"{where}={value!r} is outside {span}{hint}")
+        if self.range is not None:
+            self.range.check(value, where)
 
 
 @dataclass(frozen=True)
@@ -88,7 +138,7 @@ class Registry:
                  help: str = "", **caps) -> Callable:  # noqa: A002
         """Decorator. ``params``: help for each config-settable keyword argument of the factory;
         ``keys``: config key per parameter where it is not the parameter's name; ``ranges``: allowed
-        (low, high) per numeric parameter."""
+        values per numeric parameter, an :class:`Interval` spec (``"(0, inf)"``, or ``(low, high)`` closed)."""
 
         def deco(factory: Callable) -> Callable:
             entry_name = name or factory.__name__
@@ -102,7 +152,7 @@ class Registry:
                     raise TypeError(f"{self.kind} {entry_name!r}: documented parameter {pname!r} is not a keyword "
                                     "argument with a default of its factory")
                 declared[pname] = Param(pname, p.default, _param_type(p.default, p.annotation), text,
-                                        (keys or {}).get(pname, pname), (ranges or {}).get(pname))
+                                        (keys or {}).get(pname, pname), Interval.of((ranges or {}).get(pname)))
             doc = help or (inspect.getdoc(factory) or "").split("\n")[0]
             self._entries[entry_name] = Entry(entry_name, factory, declared, dict(caps), doc)
             return factory

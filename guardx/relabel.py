@@ -20,6 +20,7 @@ from guardx.data.transforms import apply_crop_params
 from guardx.distributed import init_distributed
 from guardx.models._io import load_model
 from guardx.paths import layout
+from guardx.stage_guard import stage_guard
 from guardx.utils.io import save_torch, write_json
 from guardx.utils.misc import progress
 
@@ -37,15 +38,21 @@ def label_epoch(teacher, distilled: DistilledSet, order, crops, *, resolution: i
 
 def run(cfg: Config) -> Path:
     paths = layout(cfg)
-    out, manifest = paths.stage("relabel"), paths.manifest("relabel")
-    if manifest.is_file():
-        return out
     ctx = init_distributed(cfg)
+    with stage_guard(cfg, "relabel", ctx=ctx) as guard:  # this run owns relabel/, resumes only its own epochs
+        if not guard.finished(paths.manifest("relabel")):
+            _relabel(cfg, ctx, guard)
+    return paths.stage("relabel")
+
+
+def _relabel(cfg: Config, ctx, guard) -> None:
+    paths = layout(cfg)
+    manifest = paths.manifest("relabel")
     if cfg.relabel.mode == "online":
         if ctx.is_main:
-            write_json({"mode": "online"}, manifest)
+            write_json({"mode": "online", "fingerprint": guard.stamp()}, manifest)
         ctx.barrier()
-        return out
+        return
     # 1. the frozen teacher and the distilled set; 2. rank r labels epochs r, r+W, ... not yet on disk
     teacher, meta = load_model(paths.teacher, ctx.device)
     distilled = DistilledSet(paths.distilled_images, meta["classes"])
@@ -60,6 +67,5 @@ def run(cfg: Config) -> Path:
     ctx.barrier()
     if ctx.is_main:
         write_json({"mode": "store", "epochs": cfg.relabel.epochs, "images": len(distilled),
-                    "topk": cfg.relabel.topk, "seed": cfg.run.seed}, manifest)
+                    "topk": cfg.relabel.topk, "seed": cfg.run.seed, "fingerprint": guard.stamp()}, manifest)
     ctx.barrier()
-    return out

@@ -8,7 +8,9 @@ by the objective, or, with ``squeeze.epochs=0``, taken as it is (SRe2L's ImageNe
 torchvision's ResNet-18 so), optionally with ``squeeze.bn_recalibrate_batches``.
 
 Writes ``<run>/squeeze/``: ``ckpt/step_*.pt`` (every epoch; resumable), ``teacher.pt`` (final weights +
-metadata), ``metrics.json``. Rerunning resumes from the newest checkpoint; a finished stage is skipped.
+metadata), ``metrics.json``. Rerunning resumes from the newest checkpoint that loads; a finished stage (a
+``teacher.pt`` that loads, with this config's fingerprint) is skipped. The folder is locked while the
+stage runs (:mod:`guardx.stage_guard`).
 """
 from __future__ import annotations
 
@@ -27,18 +29,24 @@ from guardx.models._io import model_meta, save_model
 from guardx.models.pretrained import load_init
 from guardx.objectives import ObjectiveStep, build_objective
 from guardx.paths import layout
-from guardx.utils.checkpoint import Checkpointer
+from guardx.stage_guard import stage_guard
+from guardx.utils.checkpoint import Checkpointer, require_finite
 from guardx.utils.io import write_json, write_text
 from guardx.utils.misc import lr_schedule, seed_everything
 
 
 def run(cfg: Config) -> Path:
     paths = layout(cfg)
-    out = paths.stage("squeeze")
-    if paths.teacher.is_file():
-        return paths.teacher
-    # 1. distributed context, then a seed shared by all ranks (same initial weights everywhere)
     ctx = init_distributed(cfg)
+    with stage_guard(cfg, "squeeze", ctx=ctx) as guard:  # this run owns squeeze/ and resumes only its own work
+        if not guard.finished(paths.teacher):
+            _squeeze(cfg, ctx, guard)
+    return paths.teacher
+
+
+def _squeeze(cfg: Config, ctx, guard) -> None:
+    paths = layout(cfg)
+    # 1. distributed context (above), then a seed shared by all ranks (same initial weights everywhere)
     seed_everything(cfg.run.seed)
     # 2. data: each rank its own shard of the global batch
     loader = build_loader(cfg.data, "train", ctx.rank, ctx.world_size,
@@ -68,9 +76,8 @@ def run(cfg: Config) -> Path:
     engine = build_engine(ObjectiveStep(model, objective), optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                           ctx=ctx, grad_clip=cfg.squeeze.grad_clip, global_batch=cfg.squeeze.batch_size)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         write_text(dump_config(cfg), paths.config_file("squeeze"))
-    ckpt = Checkpointer(paths.ckpt_dir("squeeze"), keep=cfg.squeeze.keep_checkpoints, ctx=ctx)
+    ckpt = Checkpointer(paths.ckpt_dir("squeeze"), keep=cfg.squeeze.keep_checkpoints, ctx=ctx, guard=guard)
     result = fit(engine=engine, loader=loader, epochs=cfg.squeeze.epochs, ckpt=ckpt, ctx=ctx, stage="squeeze",
                  seed=cfg.run.seed, device=ctx.device, show_progress=cfg.run.progress,
                  max_steps=cfg.squeeze.max_steps, ckpt_every_steps=cfg.squeeze.ckpt_every_steps)
@@ -81,6 +88,7 @@ def run(cfg: Config) -> Path:
     meta["objective"] = {"name": cfg.objective.name, **cfg.objective.params()}
     if init is not None:
         meta["init"] = {**init, "epochs": cfg.squeeze.epochs}
+    require_finite(engine.model.state_dict(), f"squeeze: the teacher after {result.steps} steps", ckpt)
     if ctx.is_main:
         write_json({"objective": repr(objective), "steps": result.steps, "epochs": result.epochs_done,
                     "seconds_this_run": result.seconds, "samples_this_run": result.samples,
@@ -88,6 +96,5 @@ def run(cfg: Config) -> Path:
                     "bn_recalibrated_batches": recalibrated, "init": init,
                     "skipped_files": sorted(getattr(loader, "skipped", [])), "history": result.history},
                    paths.metrics("squeeze"))
-        save_model(paths.teacher, engine.model, meta)
+        save_model(paths.teacher, engine.model, meta, fingerprint=guard.stamp())  # last: the "done" mark
     ctx.barrier()
-    return paths.teacher

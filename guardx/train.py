@@ -23,14 +23,15 @@ from guardx.data import TorchLoader
 from guardx.data.zca import ZCA
 from guardx.data.distilled import DistilledSet, LabelledSet, ReplayDataset, crop_plan, expand_logits
 from guardx.distributed import build_engine, init_distributed, per_rank_batch
-from guardx.errors import DataError
+from guardx.errors import DataError, GuardxError
 from guardx.loop import fit
 from guardx.models import create_model
 from guardx.models._io import load_model, model_meta, save_model
 from guardx.objectives import ObjectiveStep, build_objective
 from guardx.objectives.kd import SoftLabelKD
 from guardx.paths import RunLayout, layout
-from guardx.utils.checkpoint import Checkpointer
+from guardx.stage_guard import stage_guard
+from guardx.utils.checkpoint import Checkpointer, require_finite
 from guardx.utils.io import load_torch, read_json, write_json, write_text
 from guardx.utils.misc import lr_schedule, seed_everything
 
@@ -71,7 +72,11 @@ def training_data(cfg: Config, paths: RunLayout, manifest: dict, device):
         teacher = load_model(paths.teacher, device)[0] if online else None
 
         def targets(epoch: int) -> torch.Tensor:  # stored epochs are reused cyclically
-            return expand_logits(load_torch(paths.relabel_epoch(epoch % relabel["epochs"])))
+            path = paths.relabel_epoch(epoch % relabel["epochs"])
+            try:
+                return expand_logits(load_torch(path))
+            except (GuardxError, FileNotFoundError) as e:
+                raise DataError(f"{e}: delete it (and relabel/manifest.json) and rerun guardx relabel") from None
 
         dataset = ReplayDataset(distilled, resolution=resolution, plan_fn=crop_plan(cfg, distilled),
                                 targets_fn=None if online else targets)
@@ -123,11 +128,16 @@ def _augmented(cfg: Config, objective):
 
 def run(cfg: Config) -> Path:
     paths = layout(cfg)
-    out = paths.stage("train")
-    if paths.student.is_file():
-        return paths.student
-    # 1. distributed context, then a seed shared by all ranks (same initial weights everywhere)
     ctx = init_distributed(cfg)
+    with stage_guard(cfg, "train", ctx=ctx) as guard:  # this run owns train/ and resumes only its own work
+        if not guard.finished(paths.student):
+            _train(cfg, ctx, guard)
+    return paths.student
+
+
+def _train(cfg: Config, ctx, guard) -> None:
+    paths = layout(cfg)
+    # 1. distributed context (above), then a seed shared by all ranks (same initial weights everywhere)
     seed_everything(cfg.run.seed)
     # 2. data: the distilled set with its labels, each rank its shard of the global batch
     manifest = _read_manifest(paths.distilled_manifest, "distilled set manifest")
@@ -157,11 +167,11 @@ def run(cfg: Config) -> Path:
     engine = build_engine(ObjectiveStep(student, objective), optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                           ctx=ctx, global_batch=cfg.train.batch_size)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         write_text(dump_config(cfg), paths.config_file("train"))
-    ckpt = Checkpointer(paths.ckpt_dir("train"), keep=cfg.train.keep_checkpoints, ctx=ctx)
+    ckpt = Checkpointer(paths.ckpt_dir("train"), keep=cfg.train.keep_checkpoints, ctx=ctx, guard=guard)
     result = fit(engine=engine, loader=loader, epochs=cfg.train.epochs, ckpt=ckpt, ctx=ctx, stage="train",
                  seed=cfg.run.seed, device=ctx.device, show_progress=cfg.run.progress)
+    require_finite(engine.model.state_dict(), f"train: the student after {result.steps} steps", ckpt)
     if ctx.is_main:
         meta = model_meta(cfg, name=name, width=width, num_classes=manifest["num_classes"],
                           classes=manifest["classes"])
@@ -173,6 +183,5 @@ def run(cfg: Config) -> Path:
         write_json({"objective": repr(objective), "labels": manifest["labels"], "steps": result.steps,
                     "epochs": result.epochs_done, "distilled_images": len(dataset), "seconds_this_run": result.seconds,
                     "history": result.history}, paths.metrics("train"))
-        save_model(paths.student, engine.model, meta)
+        save_model(paths.student, engine.model, meta, fingerprint=guard.stamp())  # last: the "done" mark
     ctx.barrier()
-    return paths.student

@@ -3,13 +3,15 @@
     torchrun --standalone --nproc-per-node 2 tests/dist_worker.py runs.json
 
 ``runs.json`` is a list of jobs: an override list is a full ``guardx squeeze`` configuration (every run goes
-through the same ``guardx.squeeze.run`` the CLI calls); ``{"recalibrate_bn": {...}}`` runs
-:func:`guardx.loop.recalibrate_bn` on this rank's shard (see :func:`recalibrate_job`). Used by
-tests/test_distributed.py.
+through the same ``guardx.squeeze.run`` the CLI calls); ``{"overrides": [...], "error_file": PATH}`` is a run
+expected to fail, whose GuardxError (raised on every rank alike) is written to ``PATH.<rank>`` before the next
+run starts; ``{"recalibrate_bn": {...}}`` runs :func:`guardx.loop.recalibrate_bn` on this rank's shard (see
+:func:`recalibrate_job`). Used by tests/test_distributed.py and tests/test_faults.py.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from guardx import squeeze
 from guardx.config import load_config
 from guardx.data import build_loader
 from guardx.distributed import finalize, init_distributed
+from guardx.errors import GuardxError
 from guardx.loop import recalibrate_bn
 from guardx.models import create_model
 
@@ -47,10 +50,15 @@ def recalibrate_job(job: dict) -> None:
 def main(spec: str) -> int:
     try:
         for job in json.loads(Path(spec).read_text()):
-            if isinstance(job, dict):
+            if isinstance(job, list):
+                squeeze.run(load_config(None, job))
+            elif "recalibrate_bn" in job:
                 recalibrate_job(job["recalibrate_bn"])
             else:
-                squeeze.run(load_config(None, job))
+                try:
+                    squeeze.run(load_config(None, job["overrides"]))
+                except GuardxError as e:
+                    Path(f"{job['error_file']}.{os.environ.get('RANK', '0')}").write_text(str(e))
     finally:
         finalize()
     return 0

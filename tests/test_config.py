@@ -65,7 +65,7 @@ def test_yaml_then_overrides(tmp_path):
     ("squeez.epochs=3", "unknown config key 'squeez' (did you mean 'squeeze'?)"),
     ("squeeze.epochs=three", "squeeze.epochs must be int"),
     ("objective.name=gaurd", "objective.name: unknown objective 'gaurd' (did you mean 'guard'?)"),
-    ("squeeze.batch_size=0", "squeeze.batch_size must be > 0"),
+    ("squeeze.batch_size=0", "squeeze.batch_size=0 is outside [1, inf)"),
     ("model.name=resnet81", "did you mean 'resnet18'"),
     ("run.progress=maybe", "run.progress must be true or false"),
 ])
@@ -117,3 +117,76 @@ def test_readme_config_reference_is_current():
     script = Path(__file__).parents[1] / "scripts" / "update_readme.py"
     proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- values (issue 10)
+
+@pytest.mark.parametrize("override, message", [
+    # ranges of numbers (one mechanism: F(..., range=...) and registry ranges), integer-ness, lists
+    ("evaluate.eps=[2]", "evaluate.eps[0]=2 is outside [0, 1] in pixel units (did you mean 2/255?)"),
+    ("evaluate.eps=[1/255, 8]", "evaluate.eps[1]=8 is outside [0, 1] in pixel units (did you mean 8/255?)"),
+    ("evaluate.eps=[]", "evaluate.eps is empty"),
+    ("objective.eps=4", "objective.eps=4 is outside [0, 1] in pixel units (did you mean 4/255?)"),
+    ("evaluate.pgd_alpha=2", "evaluate.pgd_alpha=2 is outside [0, 1] in pixel units (did you mean 2/255?)"),
+    ("squeeze.max_steps=-5", "squeeze.max_steps=-5 is outside [0, inf)"),
+    ("squeeze.lr=-0.1", "squeeze.lr=-0.1 is outside (0, inf)"),
+    ("squeeze.lr=0", "squeeze.lr=0 is outside (0, inf)"),
+    ("squeeze.lr=.nan", "squeeze.lr=nan is outside (0, inf)"),
+    ("squeeze.momentum=5", "squeeze.momentum=5 is outside [0, 1]"),
+    ("train.lr=-1", "train.lr=-1 is outside (0, inf)"),
+    ("recover.betas=[0.5, 1.0]", "recover.betas[1]=1 is outside [0, 1)"),
+    ("recover.betas=[0.5]", "recover.betas must have 2 values"),
+    ("relabel.batch_size=0", "relabel.batch_size=0 is outside [1, inf)"),
+    ("squeeze.epochs=2.5", "squeeze.epochs must be int, got 2.5"),
+    ("recover.classes=[a]", "recover.classes[0] must be int, got 'a'"),
+    ("recover.classes=[-1]", "recover.classes[0]=-1 is outside [0, inf)"),
+    ("recover.classes=[1, 1]", "recover.classes has duplicates"),
+    ("data.mean=[0.5, 0.5]", "data.mean must have 3 values"),
+    ("data.std=[0.5, 0, 0.5]", "data.std[1]=0 is outside (0, inf)"),
+    ("data.rrc_scale=[0.9, 0.1]", "data.rrc_scale must be [min, max] with min <= max"),
+    ("data.val_crop_ratio=1.5", "data.val_crop_ratio=1.5 is outside (0, 1]"),
+    ("distributed.grad_accum=0", "distributed.grad_accum=0 is outside [1, inf)"),
+    ("evaluate.square_p_init=2", "evaluate.square_p_init=2 is outside [0, 1]"),
+    # choices and names, each with a did-you-mean
+    ("squeeze.schedule=cosin",
+     "squeeze.schedule='cosin' is not one of ['cosine', 'constant'] (did you mean 'cosine'?)"),
+    ("run.on_config_change=restrat", "(did you mean 'restart'?)"),
+    ("distributed.zero_stage=4", "distributed.zero_stage=4 is not one of [0, 1, 2, 3]"),
+    ("objective.name=Guard", "objective.name: unknown objective 'Guard' (did you mean 'guard'?)"),
+    ("model.name=resnet81", "model.name: unknown model 'resnet81' (did you mean 'resnet18'?)"),
+    ("train.model=convnett", "train.model: unknown model 'convnett' (did you mean 'convnet'?)"),
+    ("evaluate.attacks=[pgdd]", "unknown attack 'pgdd' (did you mean 'pgd'?)"),
+    ("evaluate.attacks=[autoatack]", "unknown attack 'autoatack' (did you mean 'autoattack'?)"),
+    ("run.distiller=sre2", "run.distiller: unknown distiller 'sre2' (did you mean 'sre2l'?)"),
+    ("pipeline.methods=[{name: g, objective: {name: gaurd}}]", "unknown objective 'gaurd' (did you mean 'guard'?)"),
+    ("pipeline.stages=[squeze]", "pipeline.stages='squeze' is not one of"),
+])
+def test_values_outside_their_range_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_numeric_key_declares_its_allowed_values():
+    """A new int/float key (or list of numbers) without a range or choices fails here, not at a user."""
+    import dataclasses
+    import typing
+
+    from guardx.config import Config
+
+    missing = []
+    for section in dataclasses.fields(Config):
+        values = getattr(Config(), section.name)
+        for f in dataclasses.fields(values):
+            want = typing.get_type_hints(type(values))[f.name]
+            numeric = want in (int, float) or typing.get_args(want) in ((int,), (float,))
+            if numeric and f.metadata.get("range") is None and not f.metadata.get("choices"):
+                missing.append(f"{section.name}.{f.name}")
+    assert not missing, f"declare range= or choices= for {missing}"
+
+
+def test_the_reference_shows_ranges():
+    ref = reference_markdown()
+    assert "| `lr` | `0.025` | `(0, inf)` | SGD learning rate |" in ref
+    assert "| `eps` | `[0.00392156862745098]` | `each in [0, 1] in pixel units` |" in ref
+    assert "`3 values, each in [0, 1]`" in ref

@@ -32,7 +32,7 @@ import torch
 
 from guardx import squeeze
 from guardx.config import load_config
-from guardx.errors import ConfigError
+from guardx.errors import ConfigError, GuardxWarning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -281,7 +281,8 @@ def test_killed_rank_ends_the_run_which_resumes_on_one_rank(tmp_path):
     last = torch.load(sorted((out / "squeeze" / "ckpt").glob("step_*.pt"))[-1], weights_only=True)
     assert last["world_size"] == 2 and last["step"] >= 3 and not (out / "squeeze" / "teacher.pt").exists()
     steps = [f"squeeze.max_steps={last['step'] + 2}", "squeeze.schedule=constant"]
-    _single(out, *steps)
+    with pytest.warns(GuardxWarning, match="squeeze.max_steps: 0 -> "):  # part of the fingerprint: resume on purpose
+        _single(out, *steps, "run.on_config_change=resume")
     _single(tmp_path / "uninterrupted", *steps)
     assert _metrics(out)["samples_this_run"] == 2 * 32
     _assert_same_model(_model(out / "squeeze" / "teacher.pt"),

@@ -27,8 +27,8 @@ def test_checkpointer_keeps_exactly_the_newest_n_across_restarts(tmp_path):
     (folder / "notes.txt").write_text("mine")
     (folder / "step_7.pt").write_text("not a checkpoint name")
 
-    ck = Checkpointer(folder, keep=2)  # a restart finds the newest and keeps rotating
-    assert ck.last_saved == folder / "step_000000010.pt" and ck.load() == {"step": 10}
+    ck = Checkpointer(folder, keep=2)  # a restart loads the newest and keeps rotating
+    assert ck.load() == {"step": 10} and ck.last_saved == folder / "step_000000010.pt"
     for step in (11, 100):
         ck.save({"step": step}, step)
     assert steps_on_disk(folder) == [11, 100] and ck.load() == {"step": 100}
@@ -47,7 +47,7 @@ def test_only_rank_zero_writes_and_deletes_but_every_rank_waits(tmp_path):
     folder = tmp_path / "ckpt"
     Checkpointer(folder, keep=1).save({"step": 1}, 1)
     barriers = []
-    other = SimpleNamespace(is_main=False, barrier=lambda: barriers.append(1))
+    other = SimpleNamespace(is_main=False, world_size=1, barrier=lambda: barriers.append(1))
     ck = Checkpointer(folder, keep=1, ctx=other)
     path = ck.save({"step": 2}, 2)
     assert barriers == [1] and ck.last_saved == path == folder / "step_000000002.pt"

@@ -173,6 +173,10 @@ def test_squeeze_resumes_exactly_after_interruption(tiny_cfg, tmp_path, monkeypa
     a = torch.load(reference, weights_only=True)["model"]
     b = torch.load(resumed, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the resumed second epoch's metrics average all of its batches, those before the interruption too
+    history = [json.loads(p.read_text())["history"] for p in (reference.parent / "metrics.json",
+                                                              resumed.parent / "metrics.json")]
+    assert history[0] == history[1]
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tiny_cfg):

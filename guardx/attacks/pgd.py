@@ -94,7 +94,7 @@ EARLY_STOP_HELP = ("PGD and MIM: keep a sample's first misclassified iterate and
 @register_attack("pgd", budget="steps", params={
     "steps": "PGD iterations (PGD-100 in the paper)", "alpha": "PGD step size; 0 = eps/4",
     "random_start": "PGD random start inside the eps-ball", "early_stop": EARLY_STOP_HELP},
-    ranges={"steps": (1, None), "alpha": (0, 1)})
+    ranges={"steps": (1, None), "alpha": "pixels"})
 def _pgd(model, x, y, eps, *, steps: int = 100, alpha: float = 0.0, random_start: bool = True,
          early_stop: bool = False, seed: int | None = None, generator: torch.Generator | None = None):
     """PGD-``steps`` with step ``alpha`` (0 = ε/4, the paper's) from a uniform random start."""
@@ -112,7 +112,7 @@ def _fgsm(model, x, y, eps, *, seed: int | None = None):
 @register_attack("mim", budget="steps", keys={"early_stop": "pgd_early_stop"}, params={
     "steps": "MIM (momentum iterative FGSM) iterations", "decay": "MIM momentum decay mu",
     "alpha": "MIM step size; 0 = eps/4", "early_stop": EARLY_STOP_HELP},
-    ranges={"steps": (1, None), "decay": (0, None), "alpha": (0, 1)})
+    ranges={"steps": (1, None), "decay": (0, None), "alpha": "pixels"})
 def _mim(model, x, y, eps, *, steps: int = 20, decay: float = 1.0, alpha: float = 0.0,
          early_stop: bool = False, seed: int | None = None):
     """MIM-``steps``; ``alpha`` 0 = ε/4 (torchattacks' default ratio, 2/255 at 8/255)."""

@@ -48,11 +48,9 @@ def _short(key: str, v):
 
 
 def settings(cfg) -> dict:
-    """Everything the numbers depend on (a cached result is reused only when this matches)."""
-    return {"format": 2, "attacks": list(cfg.evaluate.attacks), "eps": list(cfg.evaluate.eps),
-            "params": {spec: cfg.evaluate.attack_params(spec) for spec in cfg.evaluate.attacks},
-            "metrics": metric_names(cfg), "batch_size": cfg.evaluate.batch_size,
-            "max_samples": cfg.evaluate.max_samples, "seed": cfg.run.seed, "split": cfg.evaluate.split,
-            "holdout": cfg.data.holdout,
-            "data": {"dataset": cfg.data.dataset, "backend": cfg.data.backend, "val_dir": cfg.data.val_dir,
-                     "ffcv_val": cfg.data.ffcv_val, "val_crop_ratio": cfg.data.val_crop_ratio}}
+    """Everything the numbers depend on (a cached result is reused only when this matches): evaluate's
+    entry of the one fingerprint mechanism, :func:`guardx.stages.result_settings`, and the result format
+    (2: per-sample results are stored)."""
+    from guardx.stages import result_settings
+
+    return {**result_settings(cfg, "evaluate"), "format": 2}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ from guardx.data.folder import ImageFolderDataset, TensorDataset, collate_skip, 
 from guardx.data.sampler import ShardedSampler
 from guardx.data.splits import class_display_names, resolve_split, split_root
 from guardx.data.transforms import resized_crop, sample_rrc
-from guardx.errors import ConfigError
+from guardx.errors import ConfigError, DataError
 from guardx.utils.misc import derive_seed
 
 __all__ = ["build_loader", "build_dataset", "TorchLoader", "ShardedSampler", "scan_image_folder"]
@@ -138,6 +139,9 @@ class TorchLoader:
         n = min(len(dataset), limit) if limit else len(dataset)
         if train and hasattr(dataset, "item_generator"):
             dataset.seed = seed  # augmentation = f(seed, epoch, index): see SeededAugmentation
+        if train and hasattr(dataset, "replace_unreadable"):
+            dataset.replace_unreadable = True  # equal batches on every rank (see guardx.data.folder)
+        self.train = train
         self.sampler = ShardedSampler(n, rank=rank, world_size=world_size, seed=seed,
                                       shuffle=train if shuffle is None else shuffle, pad=train,
                                       block=max(shard_block, 1))
@@ -164,13 +168,34 @@ class TorchLoader:
 
     def __iter__(self):
         for x, y, bad in self.loader:
-            for path in bad:
-                if path not in self.skipped:
-                    self.skipped.add(path)
-                    warnings.warn(f"skipping unreadable image {path} ({len(self.skipped)} skipped so far)",
-                                  stacklevel=2)
+            fresh = [p for p in bad if p not in self.skipped]
+            for path in fresh:
+                self.skipped.add(path)
+                what = "training reads the next readable file instead" if self.train else "left out"
+                warnings.warn(f"unreadable image {path} ({len(self.skipped)} so far): {what}", stacklevel=2)
+            if fresh and self.train and self.sampler.world_size == 1:
+                self.check_classes()  # one process has seen all of a class fail (ranks pool theirs at epoch ends)
             if len(y) or self.shard_block:  # block mode keeps empty batches so batch k stays block k
                 yield x, y
+
+    def check_classes(self) -> None:
+        """DataError naming the first class whose every file is in ``skipped`` (a model would train with
+        that class empty). The training loop calls it after each epoch with the ranks' skipped files pooled."""
+        samples = getattr(self.dataset, "samples", None)
+        if not self.skipped or samples is None:
+            return
+        total: dict[int, int] = {}
+        bad: dict[int, int] = {}
+        for path, label in samples:
+            total[label] = total.get(label, 0) + 1
+            if path in self.skipped:
+                bad[label] = bad.get(label, 0) + 1
+        for label, n in sorted(bad.items()):
+            if n == total[label]:
+                root = getattr(self.dataset, "root", "")
+                raise DataError(f"class {self.classes[label]!r} has no readable image: all {n} files in "
+                                f"{Path(root) / self.classes[label]} failed to decode (list them with "
+                                f"`guardx data check {root}`; fix or remove the class)")
 
 
 def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1, *, batch_size: int, seed: int = 0,

@@ -191,9 +191,18 @@ def convert_image_folder(src: str | Path, dst: str | Path, *, max_resolution: in
         print(f"guardx: skipping unreadable image {s['path']} ({s['error']})", file=sys.stderr)
     if not good:
         raise DataError(f"no readable image in {src} ({len(skipped)} unreadable)")
+    counts, listed = [0] * len(classes), [0] * len(classes)
+    for _, c in samples:
+        listed[c] += 1
+    for i in good:
+        counts[samples[i][1]] += 1
+    lost = [c for c in range(len(classes)) if listed[c] and not counts[c]]
+    if lost:  # a class whose every file is unreadable would train (or be evaluated) as an empty class
+        raise DataError(f"class {classes[lost[0]]!r} has no readable image: all its {listed[lost[0]]} files in {src} "
+                        f"failed to decode (listed above); fix or remove the class, then convert again")
     meta = {
         "format": META_FORMAT, "source": str(Path(src).resolve()), "classes": classes, "num_samples": len(good),
-        "skipped": skipped,
+        "class_counts": counts, "skipped": skipped,
         "settings": {"max_resolution": 0 if eval_resize else max_resolution, "jpeg_quality": jpeg_quality,
                      "write_mode": write_mode, "compress_probability": compress_probability,
                      "eval_resize": eval_resize},
@@ -342,6 +351,10 @@ class FFCVLoader(ShardedLoaderBase):
                           f"{eval_resize_size(cfg)} (data.resolution / data.val_crop_ratio): resampling them again, "
                           "which differs from the folder backend; convert with --eval-resize "
                           f"{eval_resize_size(cfg)} to match", stacklevel=3)
+        if train and 0 in meta.get("class_counts", []):  # a converter that did not refuse empty classes
+            empty = meta["classes"][meta["class_counts"].index(0)]
+            raise DataError(f"class {empty!r} has no image in {beton} (all its files were unreadable at conversion); "
+                            "fix or remove the class, then convert again")
         n = meta["num_samples"] if train or not max_samples else min(meta["num_samples"], max_samples)
         super().__init__(n, meta["classes"], batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                          train=train, shard_block=shard_block)

@@ -34,6 +34,7 @@ from guardx.distill.trajectory import (build_augment, build_model, expert_path, 
 from guardx.distributed import init_distributed
 from guardx.objectives import build_objective
 from guardx.paths import layout
+from guardx.stage_guard import stage_guard
 from guardx.utils.io import load_torch, save_torch, write_json, write_text
 from guardx.utils.misc import check_finite, derive_seed, progress, reseed
 
@@ -137,12 +138,17 @@ def _prepare_zca(cfg: Config, images: torch.Tensor, out: Path, ctx) -> Path | No
 
 def run(cfg: Config) -> Path:
     out = stage_dir(cfg)
-    if (out / "manifest.json").is_file():
-        return out
-    bcfg = cfg.buffers
-    augment = build_augment(bcfg.dsa_strategy)  # first: a missing DSA module fails before any work
+    augment = build_augment(cfg.buffers.dsa_strategy)  # first: a missing DSA module fails before any work
     # 1. distributed context (ranks share nothing but the file system and the final barriers)
     ctx = init_distributed(cfg)
+    with stage_guard(cfg, "buffers", ctx=ctx) as guard:  # this run owns buffers/ and resumes only its own experts
+        if not guard.finished(out / "manifest.json"):
+            _train_experts(cfg, ctx, guard, augment)
+    return out
+
+
+def _train_experts(cfg: Config, ctx, guard, augment) -> None:
+    out, bcfg = stage_dir(cfg), cfg.buffers
     # 2. the real training split in memory, and the input space (ZCA fitted once, by rank 0)
     resolution = bcfg.resolution or cfg.data.resolution
     images, labels, classes = load_real(cfg.data, "train", resolution=resolution)
@@ -185,6 +191,6 @@ def run(cfg: Config) -> Path:
                                   "weight_decay": bcfg.weight_decay, "batch_size": bcfg.batch_size},
                     "dsa_strategy": bcfg.dsa_strategy, "seed": cfg.run.seed, "world_size": ctx.world_size,
                     "experts_trained_by_rank0_this_run": trained,
-                    "seconds_rank0_this_run": time.perf_counter() - t0}, out / "manifest.json")
+                    "seconds_rank0_this_run": time.perf_counter() - t0, "fingerprint": guard.stamp()},
+                   out / "manifest.json")  # last: the "done" mark
     ctx.barrier()
-    return out

@@ -401,15 +401,22 @@ def run(cfg) -> Path:
     """``guardx dc``: distil ``cfg.data``'s training split with DC (``objective.name=plain``) or GUARD(DC)
     (``objective.name=guard``); resumes from ``<out>/dc/ckpt``; returns the images folder."""
     from guardx.distributed import init_distributed
+    from guardx.stage_guard import stage_guard
+
+    out = stage_dir(cfg)
+    ctx = init_distributed(cfg)
+    with stage_guard(cfg, "dc", ctx=ctx) as guard:  # this run owns dc/ and resumes only its own iterations
+        if not guard.finished(out / "manifest.json"):
+            _distil(cfg, ctx, guard)
+    return out / "images"
+
+
+def _distil(cfg, ctx, guard) -> None:
     from guardx.models import create_model
     from guardx.objectives import build_objective
     from guardx.utils.checkpoint import Checkpointer
 
-    dc = cfg.dc
-    out = stage_dir(cfg)
-    if (out / "manifest.json").is_file():
-        return out / "images"
-    ctx = init_distributed(cfg)
+    dc, out = cfg.dc, stage_dir(cfg)
     real, classes = load_real_by_class(cfg.data)
     res = cfg.data.resolution
 
@@ -423,7 +430,7 @@ def run(cfg) -> Path:
                           lr_net=dc.lr_net, batch_real=dc.batch_real, batch_train=dc.batch_train, init=dc.init,
                           dsa=DSA(dc.dsa_strategy) if dc.dsa else None, seed=cfg.run.seed, batched=dc.batched,
                           device=ctx.device, ctx=ctx)
-    ckpt = Checkpointer(out / "ckpt", keep=2, ctx=ctx)
+    ckpt = Checkpointer(out / "ckpt", keep=2, ctx=ctx, guard=guard)
     state = ckpt.load()
     if state is not None:
         gm.load_state_dict(state)
@@ -441,10 +448,9 @@ def run(cfg) -> Path:
                     "model": {"name": dc.model, "width": dc.width, "depth": dc.depth or None},
                     "student": student_recipe(dc.dsa, dc.dsa_strategy),
                     "iterations": gm.iteration, "settings": gm.settings(), "world_size": ctx.world_size,
-                    "final_match": gm.history[-1]["match"] if gm.history else None}
+                    "final_match": gm.history[-1]["match"] if gm.history else None, "fingerprint": guard.stamp()}
         write_distilled_set(out, gm.exact_pixels(), gm.labels.cpu(), classes, manifest)
     ctx.barrier()
-    return out / "images"
 
 
 __all__ = ["DC_LOOPS", "default_loops", "match_distance", "GradientMatching", "load_real_by_class",

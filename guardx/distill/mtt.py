@@ -48,6 +48,7 @@ from guardx.distill.trajectory import (FlatModel, build_augment, build_model, ch
 from guardx.distributed import init_distributed
 from guardx.errors import ConfigError, DataError
 from guardx.paths import layout
+from guardx.stage_guard import stage_guard
 from guardx.utils.checkpoint import Checkpointer
 from guardx.utils.io import read_json, save_torch, write_json, write_text
 from guardx.utils.misc import check_finite, derive_seed, progress
@@ -217,10 +218,17 @@ def init_images(images_u8: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 
 def run(cfg: Config) -> Path:
-    mc = cfg.mtt
     out = stage_dir(cfg)
-    if (out / "manifest.json").is_file():
-        return out
+    ctx = init_distributed(cfg)
+    # this run owns mtt/ (or tesla/) and resumes only its own iterations
+    with stage_guard(cfg, "mtt", ctx=ctx, folder=out) as guard:
+        if not guard.finished(out / "manifest.json"):
+            _distil(cfg, ctx, guard)
+    return out
+
+
+def _distil(cfg: Config, ctx, guard) -> None:
+    mc, out = cfg.mtt, stage_dir(cfg)
     method = "tesla" if mc.tesla else "mtt"
     bdir = buffers_dir(cfg)
     if not (bdir / "manifest.json").is_file():
@@ -229,8 +237,7 @@ def run(cfg: Config) -> Path:
     if mc.max_start_epoch + mc.expert_epochs > bman["epochs"]:
         raise ConfigError(f"mtt.max_start_epoch ({mc.max_start_epoch}) + mtt.expert_epochs ({mc.expert_epochs}) "
                           f"exceeds the {bman['epochs']} epochs of the experts in {bdir}")
-    # 1. distributed context: every rank runs the same (deterministic) distillation, rank 0 writes
-    ctx = init_distributed(cfg)
+    # 1. distributed context (above): every rank runs the same (deterministic) distillation, rank 0 writes
     if ctx.world_size > 1 and ctx.is_main:
         warnings.warn(f"{method} runs one distillation; the {ctx.world_size} ranks repeat it and rank 0 writes "
                       "(launch it as one process)", stacklevel=2)
@@ -272,7 +279,7 @@ def run(cfg: Config) -> Path:
     opt_lr = torch.optim.SGD([syn_lr], lr=mc.lr_lr, momentum=0.5)
     opt_label = torch.optim.SGD([labels], lr=mc.lr_label, momentum=0.5) if label_mode == "learn" else None
     # 4. resume
-    ckpt = Checkpointer(out / "ckpt", keep=mc.keep_checkpoints, ctx=ctx)
+    ckpt = Checkpointer(out / "ckpt", keep=mc.keep_checkpoints, ctx=ctx, guard=guard)
     state, start_it, history = ckpt.load(), 0, []
     if state is not None:
         with torch.no_grad():
@@ -337,14 +344,13 @@ def run(cfg: Config) -> Path:
         write_set(out, method=method, images=images.detach(), hard=hard, logits=final_logits,
                   syn_lr=float(syn_lr.detach()), classes=classes, space=space, zca_file=zca_file, cfg=cfg,
                   model=bman["model"], label_mode=label_mode, gradient=mode, buffers=bdir,
-                  history=history, seconds=time.perf_counter() - t0)
+                  history=history, seconds=time.perf_counter() - t0, fingerprint=guard.stamp())
     ctx.barrier()
-    return out
 
 
 def write_set(out: Path, *, method: str, images, hard, logits, syn_lr: float, classes, space, zca_file,
               cfg: Config, model: dict, label_mode: str, gradient: str, buffers: Path, history: list,
-              seconds: float) -> None:
+              seconds: float, fingerprint: dict | None = None) -> None:
     """PNGs, exact tensors, soft labels, then the manifest (rank 0)."""
     from guardx.data.distilled import image_path, save_png
 
@@ -389,7 +395,7 @@ def write_set(out: Path, *, method: str, images, hard, logits, syn_lr: float, cl
                      "max_start_epoch": mc.max_start_epoch, "lr_img": mc.lr_img, "lr_lr": mc.lr_lr,
                      "lr_teacher": mc.lr_teacher, "batch_syn": mc.batch_syn, "init": mc.init,
                      "gradient": gradient, "seed": cfg.run.seed},
-        "buffers": str(buffers), "final_loss": history[-1]["loss"] if history else None,
+        "buffers": str(buffers), "final_loss": history[-1]["loss"] if history else None, "fingerprint": fingerprint,
     }, out / "manifest.json")
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from guardx.errors import ConfigError, GuardxError
+from guardx.errors import ConfigError, GuardxError, Terminated
 from guardx.utils.misc import pick_device
 
 
@@ -63,6 +63,35 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (a list of one without a process group)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def on_main(self, fn: Callable[[], object]):
+        """Run ``fn()`` on rank 0 only and give every rank its result, or raise its :class:`GuardxError` on
+        every rank, so that all ranks decide the same thing (take a lock, pick a checkpoint, skip a stage)
+        and none waits in a collective for a rank that has already stopped. The result must pickle."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except GuardxError as e:
+                error = (type(e), str(e))
+        if self.distributed:
+            result, error = self.broadcast_object((result, error))
+        if error is not None:
+            cls, message = error
+            try:
+                exc = cls(message)
+            except TypeError:  # an error class with another constructor: keep the message
+                exc = GuardxError(message)
+            raise exc
+        return result
+
     @contextmanager
     def on_peer_loss(self, where: Callable[[], str]) -> Iterator[None]:
         """Turn a failed collective into one clear :class:`PeerLostError` (``where()`` says what was running).
@@ -73,6 +102,15 @@ class DistContext:
         try:
             yield
         except Exception as e:
+            if self.world_size > 1 and isinstance(e, Terminated):
+                # torchrun stops the survivors of a failed rank with SIGTERM (the CLI turns it into Terminated)
+                raise PeerLostError(
+                    f"rank {self.rank} of {self.world_size} lost its peers during {where()}: another rank died, was "
+                    "killed or failed, and torchrun stopped this one (SIGTERM); rerun the same command to resume "
+                    "from the last checkpoint (any world size)") from e
+            if isinstance(e, Terminated):
+                raise Terminated(f"stopped by SIGTERM during {where()}; rerun the same command to resume from the "
+                                 "last checkpoint") from e
             if not (self.world_size > 1 and is_collective_failure(e)):
                 raise
             raise PeerLostError(

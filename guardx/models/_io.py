@@ -47,9 +47,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[No
     if not path.is_file():
         raise GuardxError(f"checkpoint not found: {path}")
     try:
-        blob = load_torch(path)
-    except Exception as e:  # truncated or foreign file
-        raise GuardxError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        blob = load_torch(path)  # a truncated or foreign file is a one-line ReadError
+    except GuardxError as e:
+        raise GuardxError(f"{e}; rerun the stage that wrote it (it sets a file that does not load aside and "
+                          "writes it again)") from None
     if not isinstance(blob, dict) or "model" not in blob or "meta" not in blob:
         raise GuardxError(f"{path} is not a guardx model file (expected keys 'model' and 'meta')")
     # the random initialisation is overwritten at once; drawing it from a forked RNG keeps loading a file from

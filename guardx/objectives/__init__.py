@@ -92,7 +92,7 @@ class GradNorm:
 @register_objective("adv", params={"eps": "L-inf radius in pixel units (accepts k/255)",
                                    "alpha": "PGD step size in pixel units", "steps": "PGD steps k",
                                    "random_start": "start PGD from a uniform point in the eps-ball"},
-                    ranges={"eps": (0, 1), "alpha": (0, 1), "steps": (1, None)})
+                    ranges={"eps": "pixels", "alpha": "pixels", "steps": (1, None)})
 class Adversarial:
     """PGD-k adversarial training (the SRe2L+Adv baseline of Table 1).
 

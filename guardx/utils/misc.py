@@ -81,10 +81,13 @@ def interactive() -> bool:
 
 
 def check_finite(value: float, *, stage: str, step: int, last_good: str | None) -> None:
+    """NonFiniteLossError for a NaN/inf loss, naming the newest good checkpoint (checkpoints are written
+    only when finite, see :mod:`guardx.utils.checkpoint`)."""
     if not math.isfinite(value):
+        from guardx.utils.checkpoint import nonfinite_advice
+
         where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint written yet"
-        raise NonFiniteLossError(f"{stage}: loss became {value} at step {step} (lower the learning rate, or clip "
-                                 f"gradients with squeeze.grad_clip){where}")
+        raise NonFiniteLossError(f"{stage}: loss became {value} at step {step} ({nonfinite_advice(stage)}){where}")
 
 
 def cosine_lr(step: int, total: int) -> float:
