@@ -398,6 +398,8 @@ class PipelineConfig:
     eval_teacher: bool = F(True, "also evaluate each teacher on the test split")
     baseline: str = F("", "the method every other is compared with (paired difference, 95% CI, verdict); "
                           "empty = the first method")
+    share_stages: bool = F(True, "a stage another method already ran with the same settings (its fingerprint: e.g. "
+                                 "SRe2L's and CDA's squeeze) is linked, not run again; its teacher is evaluated once")
 
     def __post_init__(self):
         self.methods = [m if isinstance(m, MethodConfig) else _build(MethodConfig, m, "pipeline.methods.")

@@ -10,6 +10,7 @@ continues where it stopped.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -45,6 +46,41 @@ def method_stages(cfg: Config, method) -> list[str]:
     return [s for s in stages if not cfg.pipeline.stages or s in cfg.pipeline.stages]
 
 
+# Stages whose folder is named after the stage and whose result is fully described by its fingerprint: when
+# two methods of a pipeline would run one of them with the same settings (e.g. SRe2L and CDA share their
+# squeeze; GUARD at ipc 10 and 50 shares its teacher), the second links to the first's folder.
+SHAREABLE = ("squeeze", "recover", "relabel", "buffers", "dc")
+
+
+class StageSharing:
+    """Which (stage, fingerprint) a method of this pipeline produced first, and where."""
+
+    def __init__(self, ctx, enabled: bool):
+        self.ctx, self.enabled = ctx, enabled
+        self.first: dict[tuple[str, str], Path] = {}
+        self.teacher_rows: dict[Path, dict] = {}  # producer's squeeze folder -> its evaluated teacher row
+
+    def link(self, mcfg: Config, stage: str) -> Path | None:
+        """Make ``stage``'s folder of ``mcfg``'s run the one an earlier method produced with the same settings
+        (a relative symlink); returns that folder, or None when this method produces the stage itself."""
+        from guardx.paths import layout
+        from guardx.stage_guard import digest
+        from guardx.stages import result_settings
+
+        if not self.enabled or stage not in SHAREABLE:
+            return None
+        folder = layout(mcfg).stage(stage)
+        key = (stage, digest(result_settings(mcfg, stage)))
+        source = self.first.setdefault(key, folder)
+        if source == folder or (folder.exists() and not folder.is_symlink()):
+            return None  # the first producer, or a folder of a run before sharing: it keeps its own work
+        if self.ctx.is_main and not folder.is_symlink():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.symlink_to(os.path.relpath(source, folder.parent), target_is_directory=True)
+        self.ctx.barrier()
+        return source
+
+
 def run(cfg: Config) -> dict:
     base = Path(cfg.run.out_dir)
     ctx = init_distributed(cfg)
@@ -58,23 +94,33 @@ def _run(cfg: Config, base: Path, ctx) -> dict:
         write_text(dump_config(cfg), base / "config.yaml")
     t0 = time.perf_counter()
     rows, timings = [], {}
+    sharing = StageSharing(ctx, cfg.pipeline.share_stages)
     seeds = cfg.run.seeds or [None]  # None: the single run.seed, in the method's own folder
     for seed in seeds:
         for method in cfg.pipeline.methods:
             mcfg = method_config(cfg, method, seed)
             tag = method.name + (f" seed {seed}" if seed is not None else "")
+            shared_teacher = None
             for stage in method_stages(cfg, method):
+                source = sharing.link(mcfg, stage)
+                if stage == "squeeze" and source is not None:
+                    shared_teacher = source  # evaluated once, by the method that trained it
+                    mcfg.pipeline.eval_teacher = False
                 if ctx.is_main and cfg.run.progress:
-                    print(f"[{tag}] {stage}", flush=True)
+                    print(f"[{tag}] {stage}" + (f" (shared with {source.parent.name})" if source else ""), flush=True)
                 ts = time.perf_counter()
                 result = stage_module(stage).run(mcfg)
                 timings[f"{method.name}/{stage}" + (f"/seed{seed}" if seed is not None else "")] = \
                     time.perf_counter() - ts
                 if stage == "evaluate":
+                    if shared_teacher is not None and shared_teacher in sharing.teacher_rows:
+                        result = [dict(sharing.teacher_rows[shared_teacher]), *result]
                     for r in result:
                         r.update(method=method.name, distiller=method.distiller, seed=mcfg.run.seed,
                                  run_dir=mcfg.run.out_dir,
                                  objective={"name": mcfg.objective.name, **mcfg.objective.params()})
+                        if r["model"] == "teacher" and shared_teacher is None:
+                            sharing.teacher_rows[Path(mcfg.run.out_dir) / "squeeze"] = dict(r)
                     rows += result
     report = {"rows": rows, "metrics": metric_names(cfg), "seeds": [s for s in seeds if s is not None]
               or [cfg.run.seed], "stage_seconds": timings, "total_seconds": time.perf_counter() - t0,

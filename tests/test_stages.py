@@ -263,3 +263,23 @@ def test_recover_and_relabel_resume_where_they_stopped(tiny_cfg):
     relabel.run(cfg)
     assert layout(cfg).relabel_epoch(1).is_file() and layout(cfg).relabel_epoch(0).stat().st_mtime_ns == stamp
     assert not list(layout(cfg).stage("relabel").glob(".*.tmp"))  # no temp files left behind
+
+
+def test_pipeline_shares_a_stage_two_methods_would_run_alike(tiny_cfg):
+    """SRe2L and CDA train the same teacher (and ipc 1 and ipc 2 share it too): it is trained and evaluated
+    once and linked into the other methods' folders; stages whose settings differ (recover) still run."""
+    cfg = tiny_cfg("pipeline.methods=[{name: sre2l}, {name: cda, distiller: cda}, "
+                   "{name: sre2l_ipc1, overrides: {recover: {ipc: 1}}}]")
+    report = pipeline.run(cfg)
+    out = pipeline.Path(cfg.run.out_dir)
+    for method in ("cda", "sre2l_ipc1"):
+        assert (out / method / "squeeze").is_symlink()
+        assert (out / method / "squeeze").resolve() == (out / "sre2l" / "squeeze").resolve()
+        assert not (out / method / "recover").is_symlink()  # CDA's crops / another ipc: their own recover
+    assert (out / "sre2l_ipc1" / "relabel").is_dir() and not (out / "cda" / "evaluate" / "teacher.json").exists()
+    teachers = [r for r in report["rows"] if r["model"] == "teacher"]
+    assert [r["method"] for r in teachers] == ["sre2l", "cda", "sre2l_ipc1"]  # one evaluation, three rows
+    assert teachers[0]["accuracy"] == teachers[1]["accuracy"] == teachers[2]["accuracy"]
+    assert len(list((out / "sre2l_ipc1" / "recover" / "images").rglob("*.png"))) == 10
+    again = pipeline.run(cfg)  # rerun: everything done, same rows
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
