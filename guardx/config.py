@@ -310,7 +310,8 @@ class TrainConfig:
 @dataclass
 class _EvaluateBase:
     attacks: list[str] = F(["pgd"], "attacks besides clean accuracy: pgd (pgd_steps steps) or pgd<N> (N steps), "
-                                    "fgsm, mim, cw, square, autoattack (e.g. pgd100,square,autoattack,cw,mim)")
+                                    "fgsm, mim, cw, square, autoattack (e.g. pgd100,square,autoattack,cw,mim); "
+                                    "attack@radius (e.g. autoattack@1/255) runs it at that radius only")
     eps: list[float] = F([1 / 255], "L-inf radii in pixel units (accepts k/255); cw ignores them (unbounded L2)",
                          range="pixels")
     checkpoints: list[str] = F([], "model files to evaluate, PATH or LABEL=PATH; empty = the run's teacher and "
@@ -456,6 +457,13 @@ class Config:
         if self.squeeze.epochs == 0 and not self.model.init:
             raise ConfigError("squeeze.epochs=0 trains nothing: it needs model.init (pretrained weights that become "
                               "the teacher, e.g. model.init=torchvision:resnet18)")
+        from guardx.attacks.plan import metric_names
+
+        names = metric_names(self)
+        twice = sorted({m for m in names if names.count(m) > 1})
+        if twice:
+            raise ConfigError(f"evaluate.attacks measures {twice[0]} twice (an attack@radius repeats one of "
+                              f"evaluate.eps?): {self.evaluate.attacks}")
         return self
 
     def to_dict(self) -> dict:

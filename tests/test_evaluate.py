@@ -191,3 +191,13 @@ def test_two_ranks_give_the_same_counts_as_one(tmp_path, checkpoint):
     assert a["counts"] == b["counts"]
     assert a["per_sample"] == b["per_sample"]  # the same images, not only the same totals
     assert a["counts"]["clean"] > a["counts"]["pgd@4/255"]  # the attacks did something
+
+
+def test_an_attack_can_be_run_at_one_radius_only():
+    cfg = load_config(None, ["evaluate.attacks=[pgd100,autoattack@1/255,cw]", "evaluate.eps=[1/255,2/255,4/255]"])
+    assert metric_names(cfg) == ["clean", "pgd100@1/255", "pgd100@2/255", "pgd100@4/255", "autoattack@1/255", "cw"]
+    assert cfg.evaluate.attack_params("autoattack@1/255")["version"] == "standard"
+    with pytest.raises(ConfigError, match="twice"):
+        load_config(None, ["evaluate.attacks=[pgd,pgd@1/255]", "evaluate.eps=[1/255]"])
+    with pytest.raises(ConfigError, match="did you mean @2/255"):
+        load_config(None, ["evaluate.attacks=[pgd@2]"])

@@ -49,8 +49,28 @@ def attack_info(name: str) -> Entry:
 _SPEC = re.compile(r"^([a-z_]+?)(\d+)?$")
 
 
+def split_radius(spec: str) -> tuple[str, float | None]:
+    """``"autoattack@1/255"`` -> ``("autoattack", 1/255)``: an attack run at that radius only (instead of every
+    ``evaluate.eps``); ``"pgd100"`` -> ``("pgd100", None)``."""
+    from guardx.utils.misc import parse_fraction
+
+    base, at, radius = spec.partition("@")
+    if not at:
+        return spec, None
+    try:
+        eps = parse_fraction(radius)
+    except ValueError:
+        raise ConfigError(f"attack {spec!r}: {radius!r} after @ is not a radius (write e.g. autoattack@1/255)") from None
+    if not 0 <= eps <= 1:
+        raise ConfigError(f"attack {spec!r}: the radius is in pixel units, within [0, 1]"
+                          + (f" (did you mean @{radius}/255?)" if 1 < eps <= 255 else ""))
+    return base, eps
+
+
 def parse_attack(spec: str) -> tuple[str, dict]:
-    """``"pgd100"`` -> ``("pgd", {"steps": 100})``; a one-line :class:`ConfigError` for an unknown name."""
+    """``"pgd100"`` -> ``("pgd", {"steps": 100})`` (a ``@radius`` suffix is ignored here, see
+    :func:`split_radius`); a one-line :class:`ConfigError` for an unknown name."""
+    spec = split_radius(spec)[0]
     m = _SPEC.match(spec.strip().lower())
     name, budget = (m.group(1), m.group(2)) if m else (spec, None)
     if name not in ATTACKS:
@@ -76,4 +96,4 @@ def run_attack(name: str, model, x: torch.Tensor, y: torch.Tensor, eps: float, *
 # registration on import (after the registry exists)
 from guardx.attacks import cw, library, pgd  # noqa: E402,F401
 
-__all__ = ["ATTACKS", "run_attack", "list_attacks", "parse_attack", "attack_info", "register_attack"]
+__all__ = ["ATTACKS", "split_radius", "run_attack", "list_attacks", "parse_attack", "attack_info", "register_attack"]

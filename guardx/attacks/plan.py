@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from guardx.attacks import attack_info, parse_attack
+from guardx.attacks import attack_info, parse_attack, split_radius
 from guardx.utils.misc import fmt_eps
 
 
@@ -17,13 +17,16 @@ class Job:
 
 
 def jobs(cfg) -> list[Job]:
+    """One job per (attack, radius): every ``evaluate.eps``, or only the radius an ``attack@radius`` names."""
     out = []
     for spec in cfg.evaluate.attacks:
         name, params = parse_attack(spec)[0], cfg.evaluate.attack_params(spec)
+        base, radius = split_radius(spec)
         if attack_info(spec).bounded:
-            out += [Job(f"{spec}@{fmt_eps(e)}", name, e, params) for e in cfg.evaluate.eps]
+            out += [Job(f"{base}@{fmt_eps(e)}", name, e, params)
+                    for e in ([radius] if radius is not None else cfg.evaluate.eps)]
         else:
-            out.append(Job(spec, name, None, params))
+            out.append(Job(base, name, None, params))
     return out
 
 
