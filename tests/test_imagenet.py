@@ -306,3 +306,11 @@ def test_backends_read_the_same_images_and_labels(e2e, imagenet_tree):
             assert torch.equal(y, ref_y), (backend, split)
             dist = torch.cdist(x.flatten(1), ref_x.flatten(1))
             assert torch.equal(dist.argmin(1), torch.arange(len(x))), (backend, split)
+
+
+def test_tiny_imagenet_val_annotations_are_read(tmp_path):
+    from guardx.data.labels import read_val_labels
+
+    f = tmp_path / "val_annotations.txt"
+    f.write_text("val_0.JPEG\tn01443537\t0\t10\t62\t42\nval_1.JPEG\tn01629819\t2\t3\t60\t60\n")
+    assert read_val_labels(f, ["n01443537", "n01629819"]) == {"val_0.JPEG": 0, "val_1.JPEG": 1}

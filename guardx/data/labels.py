@@ -178,6 +178,8 @@ def _parse(path: Path, lines: list[str], have_map: bool) -> list[tuple[str, str 
     kind = None
     for n, line in enumerate(lines, 1):
         t = _tokens(line)
+        if len(t) == 6 and all(_is_int(v) for v in t[2:]):  # Tiny-ImageNet's val_annotations.txt: + a bounding box
+            t = t[:2]
         if len(t) != 2:
             raise DataError(f"{path}:{n}: expected 'FILENAME SYNSET' or 'FILENAME INDEX', got {line[:80]!r}")
         this = "int" if _is_int(t[1]) else "synset"
