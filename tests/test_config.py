@@ -98,6 +98,10 @@ def test_shipped_configs_load_and_round_trip():
         cfg = load_config(path)
         assert from_dict(yaml.safe_load(dump_config(cfg))) == cfg, path.name
         assert cfg != Config(), path.name  # the file changed something
+        from guardx.pipeline import method_config
+
+        for m in cfg.pipeline.methods:  # every method's overrides and distiller resolve
+            method_config(cfg, m)
 
 
 def test_reference_lists_every_key():
