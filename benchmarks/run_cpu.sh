@@ -2,7 +2,8 @@
 # The committed CPU results, every file in benchmarks/results/, then the README block.
 #
 #   bash benchmarks/run_cpu.sh                      # everything (~1.5 h on 2 quiet cores)
-#   bash benchmarks/run_cpu.sh table4 report        # only some parts: table4 sweep throughput loaders scaling demo report
+#   bash benchmarks/run_cpu.sh table4 report        # only some parts: table4 sweep throughput loaders scaling dc mtt
+#                                                   # demo report
 #   PY=/path/to/python bash benchmarks/run_cpu.sh
 #
 # Run on an idle machine: every result records the load average before and after and warns when it exceeded
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 GX="$PY -m guardx"
-PARTS=${*:-table4 sweep throughput loaders scaling demo report}
+PARTS=${*:-table4 sweep throughput loaders scaling dc mtt demo report}
 uptime
 
 for part in $PARTS; do
@@ -30,6 +31,11 @@ for part in $PARTS; do
   scaling)  # one core per rank, 1 and 2 ranks
     $GX bench squeeze-scaling --device cpu --ranks 1,2 --backends ddp,zero2
     $GX bench recover-scaling --device cpu --ranks 1,2 ;;
+  dc)  # DC vs GUARD(DC), vectorised vs per-class, one thread, ipc 1 and 10
+    $PY -m guardx.bench.dc --device cpu --threads 1 --width 32 --ipc 1 --outer-loop 1 --batch-real 64 --repeats 3
+    $PY -m guardx.bench.dc --device cpu --threads 1 --width 32 --ipc 10 --outer-loop 2 --batch-real 64 --repeats 3 ;;
+  mtt)  # MTT vs TESLA peak memory over the synthetic steps N
+    $PY -m guardx.bench.mtt_memory --device cpu ;;
   demo)  # the demo pipeline (~10 min); its report is the committed demo-cpu.{json,md}
     rm -rf runs/demo-cpu-bench  # a fresh run: the pipeline would reuse finished stages
     $GX pipeline --config configs/demo.yaml run.out_dir=runs/demo-cpu-bench
@@ -37,7 +43,7 @@ for part in $PARTS; do
     cp runs/demo-cpu-bench/report.md benchmarks/results/demo-cpu.md ;;
   report)
     $GX bench report ;;
-  *) echo "unknown part '$part' (table4 sweep throughput loaders scaling demo report)" >&2; exit 2 ;;
+  *) echo "unknown part '$part' (table4 sweep throughput loaders scaling dc mtt demo report)" >&2; exit 2 ;;
   esac
 done
 uptime

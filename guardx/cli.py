@@ -13,10 +13,8 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import sys
-
-STAGES = ("squeeze", "recover", "relabel", "train", "evaluate")
-
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
@@ -32,8 +30,10 @@ def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="results folder (evaluate.out_dir)")
 
 
-def _evaluate_overrides(args) -> list[str]:
-    """The evaluate flags as config overrides (JSON values, so paths and k/255 pass through YAML unchanged)."""
+def _flag_overrides(args) -> list[str]:
+    """Command-line flags as config overrides (JSON values, so paths and k/255 pass through YAML unchanged)."""
+    if args.command == "pipeline" and args.seeds is not None:
+        return [f"run.seeds=[{args.seeds}]"]
     if args.command != "evaluate":
         return []
     out = []
@@ -62,12 +62,18 @@ def _number_or_text(v: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardx", description="Robust dataset distillation (GUARD) toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=f"run the {stage} stage")
+    from guardx.stages import STAGE_HELP, STAGE_MODULES
+
+    for stage in STAGE_MODULES:
+        p = sub.add_parser(stage, help=STAGE_HELP.get(stage, f"run the {stage} stage"))
         _add_config_args(p)
         if stage == "evaluate":
             _add_evaluate_args(p)
-    _add_config_args(sub.add_parser("pipeline", help="run all stages for every method and write the report"))
+    p = sub.add_parser("pipeline", help="run all stages for every method (and seed) and write the report")
+    _add_config_args(p)
+    p.add_argument("--seeds", metavar="LIST", help="e.g. 0,1,2: every method once per seed (run.seeds)")
+    p = sub.add_parser("report", help="rebuild report.{md,csv,html} of a finished pipeline run from its report.json")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the pipeline's run.out_dir")
     p = sub.add_parser("config", help="print the resolved config, or the config reference")
     p.add_argument("--reference", action="store_true", help="print every key with its default and meaning")
     _add_config_args(p)
@@ -88,14 +94,63 @@ def main(argv: list[str] | None = None) -> int:
     from guardx.errors import GuardxError
 
     args = build_parser().parse_args(argv)
+    restore = _install_handlers()
     try:
         return _dispatch(args)
     except GuardxError as e:
-        print(f"guardx: error: {e}", file=sys.stderr)
+        _report(f"guardx: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("guardx: interrupted; rerun the same command to resume", file=sys.stderr)
+        _report("guardx: interrupted; rerun the same command to resume")
         return 130
+    finally:
+        restore()
+
+
+def _report(line: str) -> None:
+    """The one line a user reads, flushed at once: under torchrun the process may be killed right after."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the message short
+    print(line, file=sys.stderr, flush=True)
+
+
+def _install_handlers():
+    """For the duration of a command: SIGTERM raises :class:`~guardx.errors.Terminated` in the main process
+    (torchrun stops the surviving ranks of a failed one with SIGTERM; without this they die silently and
+    only torchrun's summary is seen), and guardx warnings print as one ``guardx: warning: ...`` line.
+    Returns the function that restores the previous handlers."""
+    import threading
+    import warnings
+
+    from guardx.errors import GuardxWarning, Terminated
+
+    main_pid = os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != main_pid:  # a forked worker (data loading): die as SIGTERM intends
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one message, however many signals follow
+        raise Terminated("stopped by SIGTERM; rerun the same command to resume from the last checkpoint")
+
+    previous_format = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, GuardxWarning):
+            return f"guardx: warning: {message}\n"
+        return previous_format(message, category, filename, lineno, line)
+
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    warnings.formatwarning = formatwarning
+
+    def restore() -> None:
+        warnings.formatwarning = previous_format
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+    return restore
 
 
 def _dispatch(args) -> int:
@@ -106,7 +161,12 @@ def _dispatch(args) -> int:
     if args.command == "config" and args.reference:
         print(reference_markdown())
         return 0
-    cfg = load_config(args.config, args.overrides + _evaluate_overrides(args))
+    if args.command == "report":
+        from guardx.report import rebuild
+
+        print(f"wrote {rebuild(args.run_dir)}")
+        return 0
+    cfg = load_config(args.config, args.overrides + _flag_overrides(args))
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
@@ -115,15 +175,20 @@ def _dispatch(args) -> int:
     try:
         if args.command == "pipeline":
             from guardx import pipeline
-            from guardx.pipeline import render_markdown
+            from guardx.report import pipeline_markdown
 
             report = pipeline.run(cfg)
             if int(os.environ.get("RANK", "0")) == 0:
-                print(render_markdown(report, cfg))
+                print(pipeline_markdown(report, cfg))
         else:
-            result = importlib.import_module(f"guardx.{args.command}").run(cfg)
+            from guardx.distill import DISTILLERS
+            from guardx.stages import stage_module
+
+            # a stage runs with the config its run's distiller adjusts (as in the pipeline), e.g. tesla sets mtt.tesla
+            result = stage_module(args.command).run(DISTILLERS.build(cfg.run.distiller, cfg))
             if args.command == "evaluate" and int(os.environ.get("RANK", "0")) == 0 and result:
-                from guardx.evaluate import metric_names, results_table
+                from guardx.attacks.plan import metric_names
+                from guardx.report import results_table
 
                 print(results_table(result, metric_names(cfg)))
             elif int(os.environ.get("RANK", "0")) == 0:

@@ -6,7 +6,7 @@ class GuardxError(Exception):
     """Base class: the message names the problem and, where possible, the fix."""
 
 
-class ConfigError(GuardxError):
+class ConfigError(GuardxError, ValueError):
     pass
 
 
@@ -16,6 +16,21 @@ class DataError(GuardxError):
 
 class NonFiniteLossError(GuardxError):
     pass
+
+
+class Terminated(GuardxError):
+    """The process got SIGTERM (torchrun stops the other ranks this way when one fails; SLURM on cancel)."""
+
+
+class GuardxWarning(UserWarning):
+    """Something guardx handled for the user and reports in one line (e.g. a corrupt checkpoint set aside)."""
+
+
+def warn(message: str) -> None:
+    """A one-line ``guardx: warning: ...`` (the CLI formats :class:`GuardxWarning` without file and line)."""
+    import warnings
+
+    warnings.warn(message, GuardxWarning, stacklevel=2)
 
 
 class MissingDependencyError(GuardxError):

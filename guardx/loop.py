@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from guardx.errors import GuardxError
 from guardx.utils.checkpoint import Checkpointer
 from guardx.utils.misc import check_finite, derive_seed, progress, reseed
 
@@ -31,20 +32,31 @@ class FitResult:
 def fit(*, engine, loader, epochs: int, ckpt: Checkpointer, ctx, stage: str, seed: int, device,
         show_progress: bool = True, max_steps: int = 0, ckpt_every_steps: int = 0,
         extra_state: dict | None = None) -> FitResult:
-    state = ckpt.load()
+    state = ckpt.load(required=("engine", "epoch", "consumed", "step"))
     epoch, consumed, step = 0, 0, 0
     history: list = []
+    # running sums of this epoch's stats; a checkpoint inside an epoch carries them, so the epoch's entry in
+    # the history averages all of its batches, before and after a resume
+    sums: dict[str, float] = {}
+    n_batches = 0
     if state is not None:
-        engine.load_state_dict(state["engine"])
+        try:
+            engine.load_state_dict(state["engine"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise GuardxError(f"{stage}: cannot resume from {ckpt.loaded}: {str(e).strip().splitlines()[0][:200]}; "
+                              "it was written for another model or optimiser") from None
         epoch, consumed, step = state["epoch"], state["consumed"], state["step"]
         history = list(state.get("history", []))
+        if consumed:
+            sums, n_batches = dict(state.get("epoch_sums", {})), int(state.get("epoch_batches", 0))
     result = FitResult(steps=step, epochs_done=epoch, history=history)
     if max_steps and step >= max_steps or epoch >= epochs:
         return result
 
     def snapshot(ep: int, cons: int) -> None:
+        partial = {"epoch_sums": sums, "epoch_batches": n_batches} if cons else {}
         ckpt.save({"engine": engine.state_dict(), "epoch": ep, "consumed": cons, "step": step,
-                   "history": history, "world_size": ctx.world_size, **(extra_state or {})}, step)
+                   "history": history, "world_size": ctx.world_size, **partial, **(extra_state or {})}, step)
 
     engine.train()
     t0 = time.perf_counter()
@@ -52,8 +64,7 @@ def fit(*, engine, loader, epochs: int, ckpt: Checkpointer, ctx, stage: str, see
     with ctx.on_peer_loss(lambda: f"{stage} step {step + 1}"):
         while epoch < epochs:
             loader.set_epoch(epoch, start=consumed)
-            sums: dict[str, float] = {}
-            n_batches = epoch_steps = 0
+            epoch_steps = 0
             bar = progress(total=len(loader), enabled=show_progress and ctx.is_main,
                            desc=f"{stage} {epoch + 1}/{epochs}", unit="batch")
             # one optimiser step = up to distributed.grad_accum micro-batches (fewer at an epoch's end); the
@@ -83,7 +94,7 @@ def fit(*, engine, loader, epochs: int, ckpt: Checkpointer, ctx, stage: str, see
                 epoch_steps += 1
                 if epoch_steps % 10 == 1:
                     rate = result.samples / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix({**{k: f"{v / n_batches:.4g}" for k, v in sums.items()},
+                    bar.set_postfix({**{k: f"{v / max(n_batches, 1):.4g}" for k, v in sums.items()},
                                      "img/s": f"{rate:.0f}"})
                 if max_steps and step >= max_steps:
                     break
@@ -92,14 +103,29 @@ def fit(*, engine, loader, epochs: int, ckpt: Checkpointer, ctx, stage: str, see
             bar.close()
             epoch_done = not (max_steps and step >= max_steps) or consumed >= loader_global_size(loader)
             if epoch_done:
+                check_readable_classes(loader, ctx)
                 history.append({"epoch": epoch + 1, **{k: v / max(n_batches, 1) for k, v in sums.items()}})
                 epoch, consumed = epoch + 1, 0
+                sums, n_batches = {}, 0
             snapshot(epoch, consumed)
             if max_steps and step >= max_steps:
                 break
     result.steps, result.epochs_done, result.history = step, epoch, history
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def check_readable_classes(loader, ctx) -> None:
+    """After an epoch (every rank): a class none of whose images decoded is an error naming it. Each rank
+    has seen only its shard, so the ranks pool the files they could not read first (loaders without a
+    ``check_classes`` method — in-memory data, FFCV, which checks at conversion — are skipped)."""
+    check = getattr(loader, "check_classes", None)
+    if check is None:
+        return
+    if ctx.world_size > 1:
+        for skipped in ctx.all_gather_object(sorted(loader.skipped)):
+            loader.skipped.update(skipped)
+    check()
 
 
 def _groups(loader, size: int):

@@ -1,92 +1,131 @@
-"""Pipeline: squeeze → recover → relabel → train → evaluate for each method, then one report.
+"""Pipeline: every method's distiller stages, then train and evaluate, then one report.
 
     guardx pipeline --config configs/demo.yaml
 
-Each method gets ``<out_dir>/<method>/`` (its own squeeze objective, everything else shared); the
-report lands in ``<out_dir>/report.{md,json,csv}``. Every stage skips what is done, so rerunning after
-an interruption continues where it stopped.
+A method (``pipeline.methods``) names a distiller (SRe2L: squeeze → recover → relabel; CDA; ...), the
+objective of its real-data training (``objective``, e.g. GUARD) and any other per-method settings
+(``overrides``). Each method gets ``<out_dir>/<method>/``; the report lands in
+``<out_dir>/report.{md,json,csv}``. Every stage skips what is done, so rerunning after an interruption
+continues where it stopped.
 """
 from __future__ import annotations
 
-import csv
-import io
+import os
 import time
 from pathlib import Path
 
-
-from guardx import evaluate, recover, relabel, squeeze, train
+from guardx.attacks.plan import metric_names
 from guardx.config import Config, dump_config
+from guardx.distill import DISTILLERS
 from guardx.distributed import init_distributed
-from guardx.evaluate import metric_names, results_table
+from guardx.report import summarize, write_pipeline_report
+from guardx.stage_guard import own_folder
+from guardx.stages import stage_module
 from guardx.utils.env import environment
-from guardx.utils.io import write_json, write_text
-
-STAGE_MODULES = {"squeeze": squeeze, "recover": recover, "relabel": relabel, "train": train, "evaluate": evaluate}
+from guardx.utils.io import write_text
 
 
-def method_config(cfg: Config, method) -> Config:
-    mcfg = cfg.with_objective(method.objective)
-    mcfg.run.out_dir = str(Path(cfg.run.out_dir) / method.name)
+def method_config(cfg: Config, method, seed: int | None = None) -> Config:
+    """The config ``method``'s stages run with: its overrides and objective, its distiller's adjustments,
+    its own run folder (``<out_dir>/<method>``, or ``<out_dir>/<method>/seed<k>`` for one of ``run.seeds``)."""
+    mcfg = cfg.with_overrides({**method.overrides, "objective": method.objective})
+    mcfg.run.distiller = method.distiller
+    mcfg = DISTILLERS.build(method.distiller, mcfg)
+    mcfg.run.out_dir = str(Path(cfg.run.out_dir) / method.name / (f"seed{seed}" if seed is not None else ""))
+    if seed is not None:
+        mcfg.run.seed = seed
     # each method evaluates its own teacher/student into its own run dir (evaluate.checkpoints/out_dir are
     # for standalone `guardx evaluate`)
     mcfg.evaluate.checkpoints, mcfg.evaluate.out_dir = [], ""
     return mcfg
 
 
+def method_stages(cfg: Config, method) -> list[str]:
+    """The distiller's stages, then train and evaluate; ``pipeline.stages`` (if set) keeps a subset."""
+    stages = [*DISTILLERS.get(method.distiller).stages, "train", "evaluate"]
+    return [s for s in stages if not cfg.pipeline.stages or s in cfg.pipeline.stages]
+
+
+# Stages whose folder is named after the stage and whose result is fully described by its fingerprint: when
+# two methods of a pipeline would run one of them with the same settings (e.g. SRe2L and CDA share their
+# squeeze; GUARD at ipc 10 and 50 shares its teacher), the second links to the first's folder.
+SHAREABLE = ("squeeze", "recover", "relabel", "buffers", "dc")
+
+
+class StageSharing:
+    """Which (stage, fingerprint) a method of this pipeline produced first, and where."""
+
+    def __init__(self, ctx, enabled: bool):
+        self.ctx, self.enabled = ctx, enabled
+        self.first: dict[tuple[str, str], Path] = {}
+        self.teacher_rows: dict[Path, dict] = {}  # producer's squeeze folder -> its evaluated teacher row
+
+    def link(self, mcfg: Config, stage: str) -> Path | None:
+        """Make ``stage``'s folder of ``mcfg``'s run the one an earlier method produced with the same settings
+        (a relative symlink); returns that folder, or None when this method produces the stage itself."""
+        from guardx.paths import layout
+        from guardx.stage_guard import digest
+        from guardx.stages import result_settings
+
+        if not self.enabled or stage not in SHAREABLE:
+            return None
+        folder = layout(mcfg).stage(stage)
+        key = (stage, digest(result_settings(mcfg, stage)))
+        source = self.first.setdefault(key, folder)
+        if source == folder or (folder.exists() and not folder.is_symlink()):
+            return None  # the first producer, or a folder of a run before sharing: it keeps its own work
+        if self.ctx.is_main and not folder.is_symlink():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.symlink_to(os.path.relpath(source, folder.parent), target_is_directory=True)
+        self.ctx.barrier()
+        return source
+
+
 def run(cfg: Config) -> dict:
     base = Path(cfg.run.out_dir)
     ctx = init_distributed(cfg)
+    # one pipeline per out_dir: a second one stops at once naming this one (each stage also locks its folder)
+    with own_folder(base, ctx, recursive=False):
+        return _run(cfg, base, ctx)
+
+
+def _run(cfg: Config, base: Path, ctx) -> dict:
     if ctx.is_main:
-        base.mkdir(parents=True, exist_ok=True)
         write_text(dump_config(cfg), base / "config.yaml")
     t0 = time.perf_counter()
     rows, timings = [], {}
-    for method in cfg.pipeline.methods:
-        mcfg = method_config(cfg, method)
-        for stage in cfg.pipeline.stages:
-            if ctx.is_main and cfg.run.progress:
-                print(f"[{method.name}] {stage}", flush=True)
-            ts = time.perf_counter()
-            result = STAGE_MODULES[stage].run(mcfg)
-            timings[f"{method.name}/{stage}"] = time.perf_counter() - ts
-            if stage == "evaluate":
-                for r in result:
-                    r["method"] = method.name
-                    r["objective"] = {"name": mcfg.objective.name, **mcfg.objective.params()}
-                rows += result
-    report = {"rows": rows, "metrics": metric_names(cfg), "seed": cfg.run.seed, "stage_seconds": timings,
-              "total_seconds": time.perf_counter() - t0, "config": cfg.to_dict(),
-              "environment": {**environment(ctx.device), "world_size": ctx.world_size}}
+    sharing = StageSharing(ctx, cfg.pipeline.share_stages)
+    seeds = cfg.run.seeds or [None]  # None: the single run.seed, in the method's own folder
+    for seed in seeds:
+        for method in cfg.pipeline.methods:
+            mcfg = method_config(cfg, method, seed)
+            tag = method.name + (f" seed {seed}" if seed is not None else "")
+            shared_teacher = None
+            for stage in method_stages(cfg, method):
+                source = sharing.link(mcfg, stage)
+                if stage == "squeeze" and source is not None:
+                    shared_teacher = source  # evaluated once, by the method that trained it
+                    mcfg.pipeline.eval_teacher = False
+                if ctx.is_main and cfg.run.progress:
+                    print(f"[{tag}] {stage}" + (f" (shared with {source.parent.name})" if source else ""), flush=True)
+                ts = time.perf_counter()
+                result = stage_module(stage).run(mcfg)
+                timings[f"{method.name}/{stage}" + (f"/seed{seed}" if seed is not None else "")] = \
+                    time.perf_counter() - ts
+                if stage == "evaluate":
+                    if shared_teacher is not None and shared_teacher in sharing.teacher_rows:
+                        result = [dict(sharing.teacher_rows[shared_teacher]), *result]
+                    for r in result:
+                        r.update(method=method.name, distiller=method.distiller, seed=mcfg.run.seed,
+                                 run_dir=mcfg.run.out_dir,
+                                 objective={"name": mcfg.objective.name, **mcfg.objective.params()})
+                        if r["model"] == "teacher" and shared_teacher is None:
+                            sharing.teacher_rows[Path(mcfg.run.out_dir) / "squeeze"] = dict(r)
+                    rows += result
+    report = {"rows": rows, "metrics": metric_names(cfg), "seeds": [s for s in seeds if s is not None]
+              or [cfg.run.seed], "stage_seconds": timings, "total_seconds": time.perf_counter() - t0,
+              "config": cfg.to_dict(), "environment": {**environment(ctx.device), "world_size": ctx.world_size}}
+    report.update(summarize(report, cfg))
     if ctx.is_main:
-        write_json(report, base / "report.json")
-        write_text(render_markdown(report, cfg), base / "report.md")
-        write_text(render_csv(report), base / "report.csv")
+        write_pipeline_report(report, cfg, base)
     return report
-
-
-def settings_line(cfg: Config) -> str:
-    return (f"seed {cfg.run.seed} · data {cfg.data.dataset} @ {cfg.data.resolution}px · teacher "
-            f"{cfg.model.name}(width {cfg.model.width}) {cfg.squeeze.epochs} ep · recover ipc {cfg.recover.ipc}, "
-            f"{cfg.recover.iterations} it · relabel/train {cfg.train.epochs} ep · "
-            f"{evaluate.describe(cfg)}"
-            + (f" on the first {cfg.evaluate.max_samples} test images" if cfg.evaluate.max_samples else ""))
-
-
-def render_markdown(report: dict, cfg: Config) -> str:
-    methods = {m.name: m.objective for m in cfg.pipeline.methods}
-    lines = ["# guardx report", "", settings_line(cfg), "", "Accuracy (%) on the test split:", "",
-             results_table(report["rows"], report["metrics"]), "", "Methods (squeeze objective):", ""]
-    lines += [f"- **{name}**: {obj}" for name, obj in methods.items()]
-    lines += ["", f"Total wall time: {report['total_seconds']:.0f} s "
-              f"({report['environment']['threads']} threads, torch {report['environment']['torch']})", ""]
-    return "\n".join(lines)
-
-
-def render_csv(report: dict) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["method", "model", "n", *report["metrics"]])
-    for r in report["rows"]:
-        writer.writerow([r["method"], r["model"], r["accuracy"]["n"],
-                         *[f"{r['accuracy'][m]:.4f}" for m in report["metrics"]]])
-    return buf.getvalue()

@@ -18,25 +18,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from guardx.config import Config
+from guardx.data.distilled import distilled_manifest, image_path, save_png
 from guardx.data.transforms import random_resized_crop_batch
+from guardx.distill.cda import scale_schedule
 from guardx.distributed import init_distributed
 from guardx.errors import GuardxError
 from guardx.models import Normalized
 from guardx.models._io import load_model
-from guardx.squeeze import teacher_path
-from guardx.utils.io import atomic_path, write_json
+from guardx.paths import layout
+from guardx.stage_guard import stage_guard
+from guardx.utils.io import write_json
 from guardx.utils.misc import cosine_lr, derive_seed, interactive, progress
-
-
-def stage_dir(cfg: Config) -> Path:
-    return Path(cfg.run.out_dir) / "recover"
-
-
-def images_dir(cfg: Config) -> Path:
-    return stage_dir(cfg) / "images"
 
 
 class BNStatLoss:
@@ -76,21 +70,12 @@ def plan_jobs(num_classes: int, classes: list[int], ipc: int, batch_size: int) -
     return [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
 
 
-def image_path(root: Path, class_name: str, ipc_index: int) -> Path:
-    return root / class_name / f"{class_name}_{ipc_index:04d}.png"
-
-
-def save_png(img: torch.Tensor, path: Path) -> None:
-    """float (3, H, W) in [0, 1] → 8-bit PNG, written atomically."""
-    arr = (img.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
-
-
 def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resolution: int, seed: int,
-               show_progress: bool = False, history: list | None = None) -> torch.Tensor:
+               show_progress: bool = False, history: list | None = None, scale_at=None) -> torch.Tensor:
     """Optimise one batch of images for ``targets``; returns float images in [0, 1] (pixel space).
-    ``history``, if given, receives the loss of every iteration (a host sync per step: tests/analysis only)."""
+    ``history``, if given, receives the loss of every iteration (a host sync per step: tests/analysis only).
+    ``scale_at(it) -> (lo, hi)``, if given, sets the crop scale range per iteration (CDA's curriculum,
+    :func:`guardx.distill.cda.scale_schedule`); default: ``recover.rrc_scale`` throughout."""
     rc = cfg.recover
     net = teacher.net  # optimise in the normalised space, as the official code does
     device = targets.device
@@ -105,7 +90,8 @@ def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resol
         for it in bar:
             for group in opt.param_groups:
                 group["lr"] = rc.lr * cosine_lr(it, rc.iterations)
-            xj = random_resized_crop_batch(x, resolution, rc.rrc_scale, rc.flip, gen)
+            scale = rc.rrc_scale if scale_at is None else scale_at(it)
+            xj = random_resized_crop_batch(x, resolution, scale, rc.flip, gen)
             if rc.jitter:
                 dx, dy = torch.randint(0, rc.jitter + 1, (2,), generator=gen).tolist()
                 xj = torch.roll(xj, shifts=(dx, dy), dims=(2, 3))
@@ -127,31 +113,43 @@ def synthesize(teacher: Normalized, targets: torch.Tensor, cfg: Config, *, resol
 
 
 def run(cfg: Config) -> Path:
-    out = stage_dir(cfg)
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        return images_dir(cfg)
+    paths = layout(cfg)
+    # 1. distributed context; this run owns recover/ and resumes only images made with its settings
     ctx = init_distributed(cfg)
-    teacher, meta = load_model(teacher_path(cfg), ctx.device)
+    with stage_guard(cfg, "recover", ctx=ctx) as guard:
+        if not guard.finished(paths.manifest("recover")):
+            _recover(cfg, ctx, guard)
+    return paths.recover_images
+
+
+def _recover(cfg: Config, ctx, guard) -> None:
+    paths = layout(cfg)
+    manifest = paths.manifest("recover")
+    # 2. the frozen teacher on this rank's device
+    teacher, meta = load_model(paths.teacher, ctx.device)
     for p in teacher.parameters():
         p.requires_grad_(False)  # gradients flow to the images only
     classes = meta["classes"]
+    # 3. the work: every rank plans the same global job list and takes every W-th job (no communication)
     jobs = plan_jobs(meta["num_classes"], list(cfg.recover.classes), cfg.recover.ipc, cfg.recover.batch_size)
     mine = list(range(ctx.rank, len(jobs), ctx.world_size))
-    root = images_dir(cfg)
+    root = paths.recover_images
+    # CDA's curriculum (recover.crop_schedule=cda): the crop's lower scale bound falls over the iterations
+    scale_at = scale_schedule(cfg.cda, cfg.recover.iterations) if cfg.recover.crop_schedule == "cda" else None
     t0, n_images, n_done_before = time.perf_counter(), 0, 0
     show = cfg.run.progress and ctx.is_main
     bar = progress(mine, enabled=show, desc="recover jobs", unit="job")
     for j in bar:
         job = jobs[j]
-        paths = [image_path(root, classes[c], k) for c, k in job]
-        if all(p.is_file() for p in paths):
+        files = [image_path(root, classes[c], k) for c, k in job]
+        if all(p.is_file() for p in files):  # PNGs are written atomically: one on disk is complete
             n_done_before += len(job)
             continue
         targets = torch.tensor([c for c, _ in job], device=ctx.device)
         images = synthesize(teacher, targets, cfg, resolution=meta["resolution"],
-                            seed=derive_seed("recover", cfg.run.seed, j), show_progress=show and interactive())
-        for img, path in zip(images, paths):
+                            seed=derive_seed("recover", cfg.run.seed, j), show_progress=show and interactive(),
+                            scale_at=scale_at)
+        for img, path in zip(images, files):
             save_png(img, path)
         n_images += len(job)
         bar.set_postfix(img_per_s=f"{n_images * cfg.recover.iterations / (time.perf_counter() - t0):.0f}")
@@ -163,11 +161,11 @@ def run(cfg: Config) -> Path:
     ctx.barrier()
     if ctx.is_main:
         made, seconds = int(table[:, 0].sum()), table[:, 2].tolist()
-        write_json({"images": sum(len(j) for j in jobs), "jobs": len(jobs), "world_size": ctx.world_size,
-                    "ipc": cfg.recover.ipc, "iterations": cfg.recover.iterations,
+        write_json({**distilled_manifest(cfg.run.distiller, "teacher", meta, ipc=cfg.recover.ipc,
+                                         images=sum(len(j) for j in jobs)),
+                    "jobs": len(jobs), "world_size": ctx.world_size, "iterations": cfg.recover.iterations,
                     "synthesized_this_run": made, "reused": int(table[:, 1].sum()), "rank_seconds": seconds,
                     # image-iterations per second of the slowest rank: the stage's throughput
                     "img_iters_per_s": made * cfg.recover.iterations / max(max(seconds), 1e-9),
-                    "classes": classes}, manifest)
+                    "fingerprint": guard.stamp()}, manifest)  # last: the "done" mark
     ctx.barrier()
-    return root

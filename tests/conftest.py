@@ -31,3 +31,13 @@ def tiny_cfg(tmp_path):
         return load_config(None, [*TINY, f"run.out_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def imagenet_tree(tmp_path_factory):
+    """One generated ImageNet-shaped tree per test session (guardx.data.synthetic.write_imagenet_tree):
+    10 synsets x 24 train JPEGs of ImageNet sizes, a flat val folder of 50 with every label-file format,
+    and one CMYK, one grayscale and one PNG-named-.JPEG file in each split."""
+    from guardx.data.synthetic import write_imagenet_tree
+
+    return write_imagenet_tree(tmp_path_factory.mktemp("imagenet"))

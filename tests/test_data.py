@@ -85,3 +85,22 @@ def test_crop_params_are_valid_and_replayable(h, w, seed):
     img = torch.rand(3, h, w)
     out = apply_crop_params(img, params, 8)
     assert out.shape == (3, 8, 8) and torch.equal(out, apply_crop_params(img, params, 8))
+
+
+def test_holdout_is_a_fixed_stratified_part_of_train_that_training_never_sees():
+    from guardx.config import load_config
+    from guardx.data import build_dataset
+    from guardx.data.digits import digits_tensors
+
+    cfg = load_config(None, ["data.dataset=digits", "data.resolution=32", "data.holdout=0.2"])
+    train, held = build_dataset(cfg.data, "train", augment=False), build_dataset(cfg.data, "holdout")
+    full_x, full_y = digits_tensors("train")
+    assert len(train) + len(held) == len(full_y)
+    key = lambda x: x.flatten().tolist()  # noqa: E731  (images identify the samples)
+    seen = {tuple(key(x)) for x in train.images}
+    assert not any(tuple(key(x)) in seen for x in held.images)  # disjoint
+    for c in range(10):  # stratified: 20 % of every class
+        assert int((held.labels == c).sum()) == round(0.2 * int((full_y == c).sum()))
+    again = build_dataset(cfg.data, "holdout")
+    assert torch.equal(again.images, held.images)  # fixed, whatever the run
+    assert build_dataset(load_config(None, ["data.dataset=digits"]).data, "test").images.shape[0] == 359

@@ -15,6 +15,7 @@ DC ConvNet (instance norm). Augmentation is seeded per sample, so crops do not d
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import torch
 
 from guardx import squeeze
 from guardx.config import load_config
-from guardx.errors import ConfigError
+from guardx.errors import ConfigError, GuardxWarning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,11 @@ BF16 = {
                    "distributed.deepspeed_config=launch/ds_zero1.json"],
     "ddp_bf16": ["distributed.backend=ddp", "distributed.precision=bf16"],
 }
+
+
+# precise BN on 2 ranks (tests/dist_worker.py: recalibrate_job): 3 batches of 8 per rank of the digits split
+RECALIBRATE = {"batches": 3, "batch_size": 8}
+RECALIBRATE_DATA = [*BASE[:6], "data.workers=0", "run.device=cpu"]
 
 
 def _env() -> dict:
@@ -118,6 +124,8 @@ def runs(tmp_path_factory):
     seeded.parent.mkdir(parents=True)
     shutil.copy(_ckpt(root / "single", 2), seeded)
     spec = [[*BASE, f"run.out_dir={root / name}", *extra] for name, extra in {**EXACT, **BF16}.items()]
+    spec.append({"recalibrate_bn": {**RECALIBRATE, "overrides": [*RECALIBRATE_DATA, "distributed.backend=ddp"],
+                                    "out": str(root / "recalibrated.pt")}})
     (root / "runs.json").write_text(json.dumps(spec))
     proc = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", "tests/dist_worker.py",
                                     str(root / "runs.json")),
@@ -168,6 +176,53 @@ def test_bf16_autocast_stays_near_fp32_and_saves_fp32(runs, name):
     scale = max(e["momentum_buffer"].abs().max().item() for e in ref_state.values())
     for i, entry in ref_state.items():
         assert torch.allclose(got_state[i]["momentum_buffer"], entry["momentum_buffer"], rtol=0, atol=0.02 * scale)
+
+
+class _RanksInTurn:
+    """Rank 0's first ``batches`` batches, then rank 1's: one process over what the 2 ranks saw."""
+
+    def __init__(self, loaders, batches):
+        self.loaders, self.batches = loaders, batches
+
+    def set_epoch(self, epoch, start=0):
+        for loader in self.loaders:
+            loader.set_epoch(epoch, start)
+
+    def __iter__(self):
+        for loader in self.loaders:
+            yield from itertools.islice(loader, self.batches)
+
+
+@pytest.mark.slow
+def test_recalibrate_bn_on_two_ranks_equals_one_process_over_their_batches(runs):
+    """recalibrate_bn's promise across ranks: the ranks' averaged running statistics are the plain average
+    over every rank's batches, i.e. what one process computes over the same batches."""
+    from dist_worker import bn_model
+
+    from guardx.data import build_loader
+    from guardx.distributed.context import DistContext
+    from guardx.loop import recalibrate_bn
+
+    data = load_config(None, RECALIBRATE_DATA).data
+    loaders = [build_loader(data, "train", rank, 2, batch_size=RECALIBRATE["batch_size"], seed=0) for rank in (0, 1)]
+    model = bn_model()
+    n = RECALIBRATE["batches"]
+    used = recalibrate_bn(model, _RanksInTurn(loaders, n), batches=2 * n, ctx=DistContext(), device="cpu", seed=0)
+    assert used == 2 * n
+    got = torch.load(runs / "recalibrated.pt", weights_only=True)
+    assert got.keys() == model.state_dict().keys()
+    compared = 0
+    for key, ref in model.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(got[key], ref, rtol=1e-5, atol=1e-6, msg=key)
+            compared += 1
+        elif not key.endswith("num_batches_tracked"):
+            assert torch.equal(got[key], ref), key  # the weights are untouched
+    assert compared == 2 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    # rank 0's own estimate is not the answer: the average needs rank 1's batches
+    alone = bn_model()
+    recalibrate_bn(alone, loaders[0], batches=n, ctx=DistContext(), device="cpu", seed=0)
+    assert not torch.allclose(alone.state_dict()["net.bn1.running_var"], got["net.bn1.running_var"], rtol=1e-3)
 
 
 @pytest.mark.slow
@@ -226,7 +281,8 @@ def test_killed_rank_ends_the_run_which_resumes_on_one_rank(tmp_path):
     last = torch.load(sorted((out / "squeeze" / "ckpt").glob("step_*.pt"))[-1], weights_only=True)
     assert last["world_size"] == 2 and last["step"] >= 3 and not (out / "squeeze" / "teacher.pt").exists()
     steps = [f"squeeze.max_steps={last['step'] + 2}", "squeeze.schedule=constant"]
-    _single(out, *steps)
+    with pytest.warns(GuardxWarning, match="squeeze.max_steps: 0 -> "):  # part of the fingerprint: resume on purpose
+        _single(out, *steps, "run.on_config_change=resume")
     _single(tmp_path / "uninterrupted", *steps)
     assert _metrics(out)["samples_this_run"] == 2 * 32
     _assert_same_model(_model(out / "squeeze" / "teacher.pt"),

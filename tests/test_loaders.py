@@ -237,13 +237,23 @@ def test_gpu_paths_are_wired(data):
     on_gpu = [type(op) for op in _image_pipeline(cfg, True, cuda)]
     assert on_gpu[-3:] == [ToTensor, ToDevice, ToTorchImage]  # uint8 crosses to the GPU, converted there
     assert ToDevice not in [type(op) for op in _image_pipeline(cfg, False, cpu)]
-    # the mixed (nvJPEG) pipeline is defined with valid operator arguments; building it needs a GPU
+    # the mixed (nvJPEG) pipeline is defined with valid operator arguments (building it needs a GPU): the image
+    # path is reader -> decoder on "mixed" -> resize and crop/normalise on the GPU; the flip only in training
     loader = DALILoader(str(data["solid"]), data_cfg(data, "dali"), train=True, augment=True, rank=0, world_size=1,
                         batch_size=BATCH, seed=0, device=cpu)
     loader.decode, loader.device_id = "mixed", 0
-    for augment in (True, False):
+    for augment, decoder in ((True, "ImageRandomCrop"), (False, "Image")):
         loader.augment = augment
-        assert loader._pipeline(*loader.epoch_file_list()[:2]) is not None
+        pipe = loader._pipeline(*loader.epoch_file_list()[:2])
+        images, labels = pipe._graph_out
+        assert (images.device, labels.device) == ("gpu", "cpu")
+        path, op = [], images.source
+        while op is not None:  # follow the image through its first inputs back to the reader
+            path.append((type(op._op).__name__, op._op.device))
+            op = op._inputs[0].source if op._inputs else None
+        assert path == [("CropMirrorNormalize", "gpu"), ("Resize", "gpu"), (decoder, "mixed"), ("File", "cpu")]
+        mirror = [i.source for i in images.source._inputs[1:]]
+        assert [type(m._op).__name__ for m in mirror] == (["CoinFlip"] if augment else [])
 
 
 @pytest.mark.gpu

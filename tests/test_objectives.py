@@ -6,8 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from guardx.config import load_config
+from guardx.distributed.deepspeed_engine import check_zero_stage
+from guardx.errors import ConfigError
 from guardx.models import Normalized, create_model
-from guardx.objectives import build_objective
+from guardx.objectives import OBJECTIVES, ObjectiveStep, build_objective
 from guardx.objectives._common import unit_direction
 
 
@@ -164,28 +167,6 @@ def test_double_backprop_reaches_the_weights(low_memory):
     assert (up - down) / (2 * step) == pytest.approx((grads[k] * d).sum().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name, params", [("guard", {"mode": "exact"}), ("guard", {"mode": "lossdiff"}),
-                                          ("guard", {"mode": "cure"}), ("gradnorm", {}), ("adv", {"steps": 2})])
-def test_regulariser_passes_leave_bn_running_stats_alone(name, params):
-    """Train mode: one BatchNorm update per step, the one the CE forward makes (for guard/gradnorm exactly
-    what a plain forward on the batch does). Eval mode: no change at all."""
-    m = small_model().train()
-    x, y = batch()
-    ref = copy.deepcopy(m)
-    with torch.no_grad():
-        ref(x)  # the one train-mode forward the CE term is allowed
-    build_objective(name, **params)(m, x, y)
-    for (key, b), rb in zip(m.named_buffers(), ref.buffers()):
-        if key.endswith("num_batches_tracked"):
-            assert int(b) == 1
-        elif name != "adv":  # adv's CE forward sees the adversarial batch, not x
-            assert torch.allclose(b.double(), rb.double())
-    m.eval()
-    before = [b.clone() for b in m.buffers()]
-    build_objective(name, **params)(m, x, y)
-    assert all(torch.equal(a, b) for a, b in zip(before, m.buffers()))
-
-
 def test_shared_clean_pass_without_batchnorm_gives_same_gradients():
     """ConvNet (instance norm) lets the CE term reuse the regulariser's clean pass; gradients equal the
     un-shared computation."""
@@ -206,12 +187,30 @@ def test_gradnorm_value():
     assert stats["reg"] == pytest.approx(0.1 * g.flatten(1).pow(2).sum(1).mean().item(), rel=1e-6)
 
 
-def test_pixel_space_perturbs_the_model_input():
+class _Hidden(nn.Module):
+    """Calls the model; hides its normalising wrapper from split_normalizer."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("name, params", [("guard", {"mode": "lossdiff", "beta": 1.0}), ("guard", {"mode": "exact"}),
+                                          ("gradnorm", {})])
+def test_space_says_which_tensor_is_perturbed(name, params):
+    """normalized: the tensor after the model's normaliser (= pixel space of the inner network fed normalised
+    images); pixel: the images the model receives (= any space of a model whose normaliser is hidden)."""
     m = small_model().eval()
     x, y = batch()
-    _, st_norm = build_objective("guard", mode="lossdiff", beta=1.0, space="normalized")(m, x, y)
-    _, st_pix = build_objective("guard", mode="lossdiff", beta=1.0, space="pixel")(m, x, y)
-    assert st_norm["reg"] != pytest.approx(st_pix["reg"])
+    reg = {space: build_objective(name, space=space, **params)(m, x, y)[1]["reg"] for space in ("normalized", "pixel")}
+    inner = build_objective(name, space="pixel", **params)(m.net, m.normalize(x), y)[1]["reg"]
+    hidden = build_objective(name, space="normalized", **params)(_Hidden(m), x, y)[1]["reg"]
+    assert reg["normalized"] == pytest.approx(inner, rel=1e-9)
+    assert reg["pixel"] == pytest.approx(hidden, rel=1e-9)
+    assert reg["pixel"] != pytest.approx(reg["normalized"], rel=1e-3)  # std != 1: the spaces differ
 
 
 def test_unknown_objective():
@@ -219,3 +218,137 @@ def test_unknown_objective():
         build_objective("gaurd")
     with pytest.raises(ValueError, match="mode"):
         build_objective("guard", mode="fast")
+
+
+# --------------------------------------------------------------------------- every registered objective
+# (parametrized over the registry, timm-style: a new objective is held to the DESIGN contract by registering it)
+
+NAMES = OBJECTIVES.names()
+# DESIGN: stats carry "reg" for the regularised objectives; a new objective must be classified here
+REGULARISED = {"plain": False, "adv": False, "guard": True, "gradnorm": True}
+DIFFERENTIATES_IN_FORWARD = {"plain": False, "adv": True, "guard": True, "gradnorm": True}
+
+
+def default_params(name, *overrides):
+    """The parameters ``objective.name=<name>`` gives from the config (its defaults, plus ``overrides``)."""
+    return load_config(None, [f"objective.name={name}", *overrides]).objective.params()
+
+
+# every objective with its config defaults, plus GUARD's other modes and its keep-the-graphs path
+CASES = [(name, default_params(name)) for name in NAMES] + [
+    ("guard", default_params("guard", "objective.mode=lossdiff")),
+    ("guard", default_params("guard", "objective.mode=cure")),
+    ("guard", {**default_params("guard"), "low_memory": False}),
+]
+CASE_IDS = [f"{n}-{p.get('mode', '')}{'' if p.get('low_memory', True) else '-keepgraphs'}".rstrip("-")
+            for n, p in CASES]
+
+
+def test_every_objective_is_classified():
+    assert set(NAMES) == set(REGULARISED) == set(DIFFERENTIATES_IN_FORWARD), \
+        "a new objective: say whether it is regularised and whether it differentiates in its forward"
+
+
+@pytest.mark.parametrize("name, params", CASES, ids=CASE_IDS)
+def test_contract_scalar_differentiable_loss_and_stats(name, params):
+    """loss: a differentiable 0-d tensor whose backward gives every parameter a finite gradient; stats: host
+    floats with "ce" (and "reg" exactly for the regularised objectives), consistent with the loss."""
+    m = small_model().train()
+    x, y = batch()
+    loss, stats = build_objective(name, **params)(m, x, y)
+    assert loss.dim() == 0 and loss.requires_grad and loss.dtype == torch.double
+    assert all(type(v) is float for v in stats.values()), stats
+    assert "ce" in stats and ("reg" in stats) == REGULARISED[name], stats
+    assert loss.item() == pytest.approx(stats["ce"] + stats.get("reg", 0.0), rel=1e-6)
+    if "loss" in stats:
+        assert stats["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    if REGULARISED[name]:
+        assert stats["reg"] > 0
+    loss.backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("name, params", CASES, ids=CASE_IDS)
+def test_batchnorm_statistics_move_only_with_the_ce_forward(name, params):
+    """Train mode: exactly one train-mode forward per step, the CE term's, and the running statistics end
+    where a copy of the model running only F.cross_entropy(model(x), y) in train mode puts them (for adv,
+    on the adversarial batch, inside the eps-ball); the regulariser's passes leave them alone. Eval mode:
+    nothing moves."""
+    m = small_model().train()
+    x, y = batch()
+    ref = copy.deepcopy(m)
+    train_inputs = []
+    hook = m.net.register_forward_pre_hook(
+        lambda module, args: train_inputs.append(args[0].detach().clone()) if module.training else None)
+    build_objective(name, **params)(m, x, y)
+    hook.remove()
+    assert len(train_inputs) == 1, f"{len(train_inputs)} train-mode forwards"
+    ce_input = m.denormalize(train_inputs[0])
+    if name == "adv":
+        assert (ce_input - x).abs().max() <= params["eps"] + 1e-9 and not torch.allclose(ce_input, x)
+    else:
+        torch.testing.assert_close(ce_input, x, rtol=0, atol=1e-12)
+    F.cross_entropy(ref(ce_input), y)
+    for (key, b), rb in zip(m.named_buffers(), ref.buffers()):
+        if key.endswith("num_batches_tracked"):
+            assert int(b) == int(rb) == 1, key
+        else:
+            torch.testing.assert_close(b, rb, rtol=0, atol=1e-12, msg=key)
+
+    m.eval()
+    before = [b.clone() for b in m.buffers()]
+    build_objective(name, **params)(m, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.buffers()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backward_in_forward_is_declared_exactly_when_the_forward_differentiates(name, monkeypatch):
+    """The capability engines read (ZeRO-3 refusal) matches what the objective's forward really does."""
+    calls = []
+    real_grad, real_backward = torch.autograd.grad, torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append("grad") or real_grad(*a, **k))
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: calls.append("backward") or real_backward(*a, **k))
+    m = small_model(bn=False).train()
+    x, y = batch()
+    step = ObjectiveStep(m, build_objective(name, **default_params(name)))
+    step(x, y)
+    monkeypatch.undo()
+    assert bool(calls) == DIFFERENTIATES_IN_FORWARD[name]
+    if calls:
+        assert isinstance(step.backward_in_forward, str) and step.backward_in_forward
+    else:
+        assert step.backward_in_forward is None
+
+
+class _Declares:
+    def __init__(self, why):
+        self.backward_in_forward = why
+
+    def __repr__(self):
+        return "Stub()"
+
+    def __call__(self, model, x, y):
+        raise AssertionError("not run")
+
+
+def test_zero3_refusal_reads_the_declared_capability():
+    """check_zero_stage names the objective's own reason (no class names involved); an objective that does
+    not differentiate in its forward gets the checkpoint reason; ZeRO 0-2 pass."""
+    stage = {s: load_config(None, ["distributed.backend=deepspeed", f"distributed.zero_stage={s}"]).distributed
+             for s in (2, 3)}
+    declaring = ObjectiveStep(nn.Linear(2, 2), _Declares("it consults an oracle inside the forward"))
+    with pytest.raises(ConfigError, match=r"cannot train Stub\(\): it consults an oracle inside the forward"):
+        check_zero_stage(stage[3], declaring)
+    silent = ObjectiveStep(nn.Linear(2, 2), _Declares(None))
+    with pytest.raises(ConfigError, match="checkpoints cover ZeRO stages 0-2") as err:
+        check_zero_stage(stage[3], silent)
+    assert "cannot train" not in str(err.value)
+    for step in (declaring, silent):
+        check_zero_stage(stage[2], step)
+    for name in NAMES:  # the registered objectives: their own reason, when they declare one
+        step = ObjectiveStep(nn.Linear(2, 2), build_objective(name, **default_params(name)))
+        with pytest.raises(ConfigError) as err:
+            check_zero_stage(stage[3], step)
+        assert (step.backward_in_forward or "checkpoints cover ZeRO stages 0-2") in str(err.value)

@@ -56,7 +56,7 @@ def _curvature(args) -> int:
     from guardx.analysis.curvature import run_curvature
     from guardx.config import load_config
     from guardx.errors import ConfigError
-    from guardx.evaluate import labelled_paths
+    from guardx.utils.misc import labelled_paths
 
     _positive(args, "samples", "topk", "iters", "batch_size")
     cfg = load_config(args.config, args.overrides)
@@ -77,7 +77,7 @@ def _curvature(args) -> int:
 def _grid(args) -> int:
     from guardx.analysis.grid import image_grid
     from guardx.errors import ConfigError
-    from guardx.evaluate import labelled_paths
+    from guardx.utils.misc import labelled_paths
 
     _positive(args, "max_classes", "per_class")
     entries = labelled_paths(_split(args.images), "--images")

@@ -80,7 +80,7 @@ def run_curvature(cfg, entries: list[tuple[str, Path]], *, samples: int, k: int,
         data_cfg = dataclasses.replace(cfg.data, resolution=meta.get("resolution", cfg.data.resolution))
         split = "test" if cfg.data.dataset == "digits" else "val"
         loader = build_loader(data_cfg, split, batch_size=batch_size, seed=cfg.run.seed, augment=False,
-                              device=device, max_samples=samples)
+                              device=device, max_samples=samples, classes=meta.get("classes"))  # the model's label order
         t0 = time.perf_counter()
         spec = model_spectrum(model, loader, samples=samples, k=k, iters=iters, method=method, space=space,
                               seed=cfg.run.seed, device=device, show_progress=cfg.run.progress,

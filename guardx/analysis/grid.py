@@ -18,9 +18,12 @@ from guardx.errors import DataError
 
 
 def images_root(path: Path) -> Path:
-    """A run directory's distilled images, or ``path`` itself when it is the image tree."""
+    """A run directory's distilled images (any distiller's: the stage folder whose manifest describes a
+    distilled set), or ``path`` itself when it is the image tree."""
     path = Path(path)
-    for candidate in (path / "recover" / "images", path):
+    stages = sorted(d for d in path.iterdir() if (d / "images").is_dir() and (d / "manifest.json").is_file()) \
+        if path.is_dir() else []
+    for candidate in (path / "recover" / "images", *(d / "images" for d in stages), path):
         if candidate.is_dir() and any(p.is_dir() for p in candidate.iterdir()):
             return candidate
     raise DataError(f"no distilled images under {path} (expected <run>/recover/images/<class>/*.png "

@@ -61,7 +61,10 @@ def cw_l2(model, x: torch.Tensor, y: torch.Tensor, *, c: float = 1e-5, kappa: fl
     return best.clamp(0, 1)
 
 
-@register_attack("cw", bounded=False, budget="steps")
+@register_attack("cw", bounded=False, budget="steps", params={
+    "c": "CW-L2 weight c of the margin term (the paper: 1e-5)", "kappa": "CW-L2 confidence kappa",
+    "steps": "CW-L2 Adam steps (torchattacks' default; the paper gives only c)", "lr": "CW-L2 Adam learning rate"},
+    ranges={"c": (0, None), "kappa": (0, None), "steps": (1, None), "lr": (0, None)})
 def _cw(model, x, y, eps=None, *, c: float = 1e-5, kappa: float = 0.0, steps: int = 50, lr: float = 0.01,
         seed: int | None = None):
     """CW-L2 (``eps`` is ignored: the paper exempts CW from the ε bound)."""

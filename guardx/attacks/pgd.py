@@ -87,10 +87,17 @@ def _step(model, adv, x, y, eps, alpha, momentum, decay):
     return (x + (adv - x).clamp(-eps, eps)).clamp(0, 1).detach(), momentum
 
 
-@register_attack("pgd", budget="steps")
-def _pgd(model, x, y, eps, *, steps: int = 100, alpha: float | None = None, random_start: bool = True,
+EARLY_STOP_HELP = ("PGD and MIM: keep a sample's first misclassified iterate and stop attacking it "
+                   "(worst-iterate accuracy, <= last-iterate; much faster at large eps)")
+
+
+@register_attack("pgd", budget="steps", params={
+    "steps": "PGD iterations (PGD-100 in the paper)", "alpha": "PGD step size; 0 = eps/4",
+    "random_start": "PGD random start inside the eps-ball", "early_stop": EARLY_STOP_HELP},
+    ranges={"steps": (1, None), "alpha": "pixels"})
+def _pgd(model, x, y, eps, *, steps: int = 100, alpha: float = 0.0, random_start: bool = True,
          early_stop: bool = False, seed: int | None = None, generator: torch.Generator | None = None):
-    """PGD-``steps`` with step ``alpha`` (default ε/4, the paper's) from a uniform random start."""
+    """PGD-``steps`` with step ``alpha`` (0 = ε/4, the paper's) from a uniform random start."""
     gen = generator if generator is not None else seeded_generator(seed, x.device)
     return pgd(model, x, y, eps=eps, alpha=alpha or eps / 4, steps=steps, random_start=random_start,
                generator=gen, early_stop=early_stop)
@@ -102,8 +109,11 @@ def _fgsm(model, x, y, eps, *, seed: int | None = None):
     return pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False)
 
 
-@register_attack("mim", budget="steps")
-def _mim(model, x, y, eps, *, steps: int = 20, decay: float = 1.0, alpha: float | None = None,
+@register_attack("mim", budget="steps", keys={"early_stop": "pgd_early_stop"}, params={
+    "steps": "MIM (momentum iterative FGSM) iterations", "decay": "MIM momentum decay mu",
+    "alpha": "MIM step size; 0 = eps/4", "early_stop": EARLY_STOP_HELP},
+    ranges={"steps": (1, None), "decay": (0, None), "alpha": "pixels"})
+def _mim(model, x, y, eps, *, steps: int = 20, decay: float = 1.0, alpha: float = 0.0,
          early_stop: bool = False, seed: int | None = None):
-    """MIM-``steps``; ``alpha`` defaults to ε/4 (torchattacks' default ratio, 2/255 at 8/255)."""
+    """MIM-``steps``; ``alpha`` 0 = ε/4 (torchattacks' default ratio, 2/255 at 8/255)."""
     return mim(model, x, y, eps=eps, alpha=alpha or eps / 4, steps=steps, decay=decay, early_stop=early_stop)

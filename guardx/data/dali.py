@@ -4,8 +4,9 @@ Pipeline (one per epoch, see below)
     ``fn.readers.file(files, labels, shard_id=rank, num_shards=world_size, pad_last_batch=True)``
     train: ``fn.decoders.image_random_crop`` (random-resized-crop fused into the decoder: only the
     crop window is decoded) → ``fn.resize`` to R×R → ``fn.crop_mirror_normalize`` with a coin-flip mirror;
-    eval: ``fn.decoders.image`` → ``fn.resize(resize_shorter=R/val_crop_ratio)`` → centre
-    ``crop_mirror_normalize`` (= torchvision Resize + CenterCrop). ``crop_mirror_normalize`` also maps
+    eval: ``fn.decoders.image`` → ``fn.resize`` of the exact source window torchvision's
+    Resize(R/val_crop_ratio) + CenterCrop(R) reads (computed per image from its header, see
+    :func:`_eval_window`) → ``crop_mirror_normalize``. ``crop_mirror_normalize`` also maps
     uint8 → float in [0, 1] as its last step, on the GPU in ``mixed`` mode (mean 0, std 255: the model
     wrapper normalises). Decoding is ``mixed`` (GPU) when the loader's device is CUDA, else ``cpu``
     with ``device_id=None``; ``data.dali_decode`` forces either.
@@ -62,14 +63,19 @@ def decode_mode(setting: str, device: torch.device | None) -> str:
 
 class DALILoader(ShardedLoaderBase):
     def __init__(self, root: str, cfg, *, train: bool, augment: bool, rank: int, world_size: int, batch_size: int,
-                 seed: int, device: torch.device | None, max_samples: int = 0, shard_block: int = 0):
+                 seed: int, device: torch.device | None, max_samples: int = 0, shard_block: int = 0,
+                 samples: list[tuple[str, int]] | None = None, classes: list[str] | None = None):
+        """``samples`` + ``classes``: a resolved split (``guardx.data.splits``, e.g. a flat val folder);
+        otherwise ``root`` is scanned as an ImageFolder."""
         import_dali()
-        samples, classes = scan_image_folder(root)
+        if samples is None:
+            samples, classes = scan_image_folder(root)
         if not train and max_samples:
             samples = samples[:max_samples]
         super().__init__(len(samples), classes, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                          train=train, shard_block=shard_block)
         self.root, self.cfg, self.augment = root, cfg, augment
+        self.check_command = f"guardx data check {root}"  # what lists every unreadable file of this split
         self.paths = [p for p, _ in samples]
         self.labels = [label for _, label in samples]
         self.decode = decode_mode(cfg.dali_decode, device)
@@ -106,13 +112,17 @@ class DALILoader(ShardedLoaderBase):
                                                        **decoder_args)
                 images = fn.resize(images, resize_x=size, resize_y=size)
                 mirror = fn.random.coin_flip(probability=0.5) if cfg.flip else 0
+                images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5,
+                                                  mirror=mirror, mean=[0.0] * 3, std=[255.0] * 3,
+                                                  dtype=types.FLOAT, output_layout="CHW")
             else:
+                roi_start, roi_end = _eval_window(jpegs, size, int(round(size / cfg.val_crop_ratio)))
                 images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder_args)
-                images = fn.resize(images, resize_shorter=int(round(size / cfg.val_crop_ratio)))
-                mirror = 0
-            images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5,
-                                              mirror=mirror, mean=[0.0] * 3, std=[255.0] * 3,
-                                              dtype=types.FLOAT, output_layout="CHW")
+                # the source window torchvision's Resize + CenterCrop reads, resampled once to size x size
+                images = fn.resize(images, size=[size, size], roi_start=roi_start, roi_end=roi_end,
+                                   roi_relative=False)
+                images = fn.crop_mirror_normalize(images, mean=[0.0] * 3, std=[255.0] * 3, dtype=types.FLOAT,
+                                                  output_layout="CHW")
             return images, labels_
 
         return pipe()
@@ -157,7 +167,39 @@ class DALILoader(ShardedLoaderBase):
             probed = probe_image(path)
             reason = probed if isinstance(probed, str) else "readable by PIL, not by DALI"
         return DataError(f"DALI cannot decode {path} ({reason}); unlike the folder backend DALI cannot skip it: "
-                         f"remove or replace it (`guardx data check {self.root}` lists every unreadable file)")
+                         f"remove or replace it (`{self.check_command}` lists every unreadable file)")
+
+
+def _eval_window(jpegs, crop: int, resize: int):
+    """Per-image source window (``roi_start``, ``roi_end`` as [y, x]) of torchvision's eval transform,
+    Resize(resize) + CenterCrop(crop), from the encoded image's header (no decode).
+
+    torchvision resizes the short side to ``resize`` and the long side to ``floor(resize * long / short)``,
+    then crops at ``round((out - crop) / 2)`` (Python's round: halves to even). Resampling that window of
+    the source straight to ``crop`` x ``crop`` puts every output pixel at the same source position as
+    torchvision's two steps, with the same antialiasing width, so the tensors agree to the decoder's
+    rounding (tests/test_loaders.py) instead of differing by a half-pixel shift."""
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+
+    shape = fn.peek_image_shape(jpegs)  # (H, W, C), int64
+    h, w = shape[0], shape[1]
+    short = dmath.min(h, w)
+    out_h, out_w = (resize * h) // short, (resize * w) // short
+
+    def offset(extra):  # round(extra / 2), halves to even
+        half = extra // 2
+        return half + (extra % 2) * (half % 2)
+
+    top, left = offset(out_h - crop), offset(out_w - crop)
+
+    def f(x):
+        return fn.cast(x, dtype=types.FLOAT)
+
+    sy, sx = f(h) / f(out_h), f(w) / f(out_w)  # source pixels per resized pixel
+    start = fn.stack(f(top) * sy, f(left) * sx)
+    end = fn.stack(f(top + crop) * sy, f(left + crop) * sx)
+    return start, end
 
 
 def _dali_reason(text: str) -> str:
@@ -171,10 +213,15 @@ def _dali_reason(text: str) -> str:
 
 def build_dali_loader(cfg, split: str, rank: int = 0, world_size: int = 1, *, batch_size: int, seed: int = 0,
                       augment: bool | None = None, device: torch.device | None = None, max_samples: int = 0,
-                      shard_block: bool = False) -> DALILoader:
-    from guardx.data import _split_dir
+                      shard_block: bool = False, classes: list[str] | None = None) -> DALILoader:
+    from guardx.data.splits import resolve_split
 
     train = split == "train"
-    return DALILoader(_split_dir(cfg, split), cfg, train=train, augment=train if augment is None else augment,
-                      rank=rank, world_size=world_size, batch_size=batch_size, seed=seed, device=device,
-                      max_samples=max_samples, shard_block=batch_size if shard_block and not train else 0)
+    found = resolve_split(cfg, split, classes)
+    loader = DALILoader(found.root, cfg, train=train, augment=train if augment is None else augment,
+                        rank=rank, world_size=world_size, batch_size=batch_size, seed=seed, device=device,
+                        max_samples=max_samples, shard_block=batch_size if shard_block and not train else 0,
+                        samples=found.samples, classes=found.classes)
+    if found.layout == "flat":
+        loader.check_command = "guardx data check --config ... (with data.val_dir and data.val_labels)"
+    return loader

@@ -1,7 +1,11 @@
 """Map-style datasets for the torch loader: ImageFolder trees (PIL decode) and in-memory tensors.
 
-A file that fails to decode is not fatal: the dataset returns ``(None, path)``, the collate function
-drops it, and the loader counts it and warns once per file with its path.
+A file that fails to decode is not fatal; the loader counts it and warns once per file with its path.
+For evaluation the dataset returns ``(None, path)`` and the collate function drops it. For training
+(``replace_unreadable``) it returns the next readable file in folder order instead (usually the same
+class), so every batch keeps its size and every rank takes the same number of steps: a rank whose batch
+shrank to nothing would otherwise skip a step and leave its peers waiting in the gradient all-reduce.
+The replacement is a function of the index only, so a resumed or re-sharded run sees the same samples.
 """
 from __future__ import annotations
 
@@ -95,22 +99,45 @@ class SeededAugmentation:
 class ImageFolderDataset(SeededAugmentation, torch.utils.data.Dataset):
     """``transform(pil_image, generator) -> float tensor`` (see ``guardx.data.transforms``)."""
 
-    def __init__(self, root: str | Path, transform: Callable, classes: list[str] | None = None):
+    def __init__(self, root: str | Path, transform: Callable, classes: list[str] | None = None,
+                 samples: list[tuple[str, int]] | None = None):
+        """``samples`` (with ``classes``): an already resolved split (see ``guardx.data.splits``),
+        e.g. a flat validation folder; otherwise ``root`` is scanned as an ImageFolder."""
         self.root = Path(root)
-        self.samples, self.classes = scan_image_folder(root, classes)
+        if samples is not None:
+            self.samples, self.classes = list(samples), list(classes or [])
+        else:
+            self.samples, self.classes = scan_image_folder(root, classes)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
+    replace_unreadable = False  # training: substitute the next readable file (see the module docstring)
+    MAX_REPLACEMENT_TRIES = 64
+
+    def _open(self, path: str):
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                return im.convert("RGB")
         except _DECODE_ERRORS:
+            return None
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        img = self._open(path)
+        if img is not None:
+            return self.transform(img, self.item_generator(i)), label
+        if not self.replace_unreadable:
             return None, path
-        return self.transform(img, self.item_generator(i)), label
+        bad = [path]
+        for k in range(1, min(len(self.samples), self.MAX_REPLACEMENT_TRIES + 1)):
+            other, other_label = self.samples[(i + k) % len(self.samples)]
+            img = self._open(other)
+            if img is not None:
+                return self.transform(img, self.item_generator(i)), other_label, bad
+            bad.append(other)
+        return None, path, bad
 
 
 class TensorDataset(SeededAugmentation, torch.utils.data.Dataset):
@@ -131,9 +158,10 @@ class TensorDataset(SeededAugmentation, torch.utils.data.Dataset):
 
 
 def collate_skip(batch):
-    """Stack good samples; return the paths of the ones that failed to decode as a third element."""
-    good = [(x, y) for x, y in batch if x is not None]
-    bad = [y for x, y in batch if x is None]
+    """Stack good samples; return the paths of the files that failed to decode as a third element (items
+    are ``(x, y)``, ``(None, path)`` or, when a replacement was read, ``(x, y, [unreadable paths])``)."""
+    good = [(item[0], item[1]) for item in batch if item[0] is not None]
+    bad = [p for item in batch for p in (item[2] if len(item) > 2 else [item[1]] if item[0] is None else [])]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), bad
     xs, ys = zip(*good)

@@ -93,3 +93,92 @@ def _jpeg_bytes(rng: np.random.Generator, size: tuple[int, int], quality: int) -
     buf = io.BytesIO()
     synthetic_image(rng, *size).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------- ImageNet-shaped trees
+
+# the first ten ImageNet-1K synsets in sorted order, with their LOC_synset_mapping.txt names
+IMAGENET_SYNSETS = [
+    ("n01440764", "tench, Tinca tinca"), ("n01443537", "goldfish, Carassius auratus"),
+    ("n01484850", "great white shark, white shark, man-eater, man-eating shark, Carcharodon carcharias"),
+    ("n01491361", "tiger shark, Galeocerdo cuvieri"), ("n01494475", "hammerhead, hammerhead shark"),
+    ("n01496331", "electric ray, crampfish, numbfish, torpedo"), ("n01498041", "stingray"),
+    ("n01514668", "cock"), ("n01514859", "hen"), ("n01518878", "ostrich, Struthio camelus"),
+]
+# (width, height) of ImageNet photographs: mostly 500 px on the long side, 4:3 / 3:4 / 3:2 / square, a few others
+IMAGENET_SIZES = [(500, 375)] * 6 + [(375, 500)] * 2 + [(500, 333), (333, 500), (500, 500), (500, 400),
+                                                         (640, 480), (300, 225), (500, 281)]
+
+
+def write_imagenet_tree(root: str | Path, *, classes: int = 10, train_per_class: int = 24, val_per_class: int = 5,
+                        quality: int = 90, seed: int = 0, scale: float = 1.0) -> dict:
+    """An ImageNet-1K-shaped tree, as the user has it on disk (a pure function of the arguments):
+
+    * ``train/<synset>/<synset>_<k>.JPEG`` (ImageFolder), ImageNet-like sizes and aspect ratios (``scale``
+      shrinks them for fast tests);
+    * ``val/ILSVRC2012_val_<00000001>.JPEG``: one flat folder, classes interleaved in a seeded order;
+    * the quirks of the real files: one CMYK JPEG, one grayscale JPEG and one PNG named ``.JPEG`` in each split;
+    * label files in every accepted format: ``val_labels.txt`` (FILENAME SYNSET), ``val_index.txt`` (FILENAME
+      INDEX, 0-based into the sorted synsets), ``LOC_val_solution.csv`` (Kaggle), the devkit's
+      ``ILSVRC2012_validation_ground_truth.txt`` (1-based IDs) with ``map_clsloc.txt`` (ID order is not the
+      sorted order, as in the devkit), and ``LOC_synset_mapping.txt`` (display names).
+
+    Returns the paths (``train``, ``val``, each label file) plus ``synsets``, ``val_synsets`` (per val file,
+    in file order) and ``quirks`` (relative path → ``cmyk`` | ``gray`` | ``png``)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    synsets = [s for s, _ in IMAGENET_SYNSETS[:classes]] + [f"n{90000000 + k:08d}" for k in range(classes - 10)]
+    names = {s: n for s, n in IMAGENET_SYNSETS} | {s: f"synthetic class {s}" for s in synsets[10:]}
+    kinds = ("cmyk", "gray", "png")
+    quirks: dict[str, str] = {}
+
+    def write(path: Path, kind: str | None) -> None:
+        w, h = IMAGENET_SIZES[int(rng.integers(len(IMAGENET_SIZES)))]
+        w, h = max(16, int(w * scale)), max(16, int(h * scale))
+        image_seed = rng.integers(2**32)
+        if path.exists():
+            return
+        img = synthetic_image(np.random.default_rng(image_seed), w, h, noise=8, detail=24)
+        tmp = path.with_name(f".{path.name}.tmp")
+        if kind == "png":
+            img.save(tmp, format="PNG")
+        else:
+            img = img.convert("CMYK") if kind == "cmyk" else img.convert("L") if kind == "gray" else img
+            img.save(tmp, format="JPEG", quality=quality)
+        tmp.replace(path)
+
+    for c, synset in enumerate(synsets):
+        (root / "train" / synset).mkdir(parents=True, exist_ok=True)
+        for k in range(train_per_class):
+            kind = kinds[c] if c < len(kinds) and k == 0 else None
+            rel = f"train/{synset}/{synset}_{k}.JPEG"
+            if kind:
+                quirks[rel] = kind
+            write(root / rel, kind)
+    (root / "val").mkdir(parents=True, exist_ok=True)
+    order = [c for c in range(classes) for _ in range(val_per_class)]
+    order = [order[i] for i in rng.permutation(len(order))]
+    val_files = [f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(len(order))]
+    for i, (name, c) in enumerate(zip(val_files, order)):
+        kind = kinds[i] if i < len(kinds) else None
+        if kind:
+            quirks[f"val/{name}"] = kind
+        write(root / "val" / name, kind)
+    # the devkit numbers classes in its own (WordNet) order: here the sorted synsets, rotated by 3
+    devkit_id = {s: (k + 3) % classes + 1 for k, s in enumerate(synsets)}
+    files = {
+        "val_labels": ("val_labels.txt", [f"{f} {synsets[c]}" for f, c in zip(val_files, order)]),
+        "val_index": ("val_index.txt", [f"{f} {c}" for f, c in zip(val_files, order)]),
+        "kaggle": ("LOC_val_solution.csv", ["ImageId,PredictionString"] + [
+            f"{Path(f).stem},{synsets[c]} 10 20 200 180 {synsets[c]} 5 5 90 80" for f, c in zip(val_files, order)]),
+        "devkit_truth": ("ILSVRC2012_validation_ground_truth.txt", [str(devkit_id[synsets[c]]) for c in order]),
+        "devkit_map": ("map_clsloc.txt", [f"{s} {devkit_id[s]} {names[s].split(',')[0].replace(' ', '_')}"
+                                          for s in sorted(synsets, key=devkit_id.get)]),
+        "class_names": ("LOC_synset_mapping.txt", [f"{s} {names[s]}" for s in synsets]),
+    }
+    out = {"root": root, "train": root / "train", "val": root / "val", "synsets": synsets,
+           "val_synsets": [synsets[c] for c in order], "quirks": quirks}
+    for key, (name, lines) in files.items():
+        (root / name).write_text("\n".join(lines) + "\n")
+        out[key] = root / name
+    return out

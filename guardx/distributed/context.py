@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from guardx.errors import ConfigError, GuardxError
+from guardx.errors import ConfigError, GuardxError, Terminated
 from guardx.utils.misc import pick_device
 
 
@@ -48,12 +48,49 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def all_gather_object(self, obj) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj, src: int = 0):
         if not self.distributed:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order (a list of one without a process group)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def on_main(self, fn: Callable[[], object]):
+        """Run ``fn()`` on rank 0 only and give every rank its result, or raise its :class:`GuardxError` on
+        every rank, so that all ranks decide the same thing (take a lock, pick a checkpoint, skip a stage)
+        and none waits in a collective for a rank that has already stopped. The result must pickle."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except GuardxError as e:
+                error = (type(e), str(e))
+        if self.distributed:
+            result, error = self.broadcast_object((result, error))
+        if error is not None:
+            cls, message = error
+            try:
+                exc = cls(message)
+            except TypeError:  # an error class with another constructor: keep the message
+                exc = GuardxError(message)
+            raise exc
+        return result
 
     @contextmanager
     def on_peer_loss(self, where: Callable[[], str]) -> Iterator[None]:
@@ -65,6 +102,15 @@ class DistContext:
         try:
             yield
         except Exception as e:
+            if self.world_size > 1 and isinstance(e, Terminated):
+                # torchrun stops the survivors of a failed rank with SIGTERM (the CLI turns it into Terminated)
+                raise PeerLostError(
+                    f"rank {self.rank} of {self.world_size} lost its peers during {where()}: another rank died, was "
+                    "killed or failed, and torchrun stopped this one (SIGTERM); rerun the same command to resume "
+                    "from the last checkpoint (any world size)") from e
+            if isinstance(e, Terminated):
+                raise Terminated(f"stopped by SIGTERM during {where()}; rerun the same command to resume from the "
+                                 "last checkpoint") from e
             if not (self.world_size > 1 and is_collective_failure(e)):
                 raise
             raise PeerLostError(
@@ -122,6 +168,11 @@ def init_distributed(cfg) -> DistContext:
     device = pick_device(cfg.run.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if cfg.run.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; set before the first CUDA matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if (world > 1 or backend == "deepspeed") and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # not under torchrun: describe a one-rank world (DeepSpeed reads it)
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",

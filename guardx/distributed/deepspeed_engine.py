@@ -41,30 +41,16 @@ def check_zero_stage(d, step_module: nn.Module) -> None:
     """One-line :class:`ConfigError` for ZeRO-3, saying why for this objective."""
     if d.zero_stage != 3:
         return
-    why = _backward_inside_forward(getattr(step_module, "objective", None))
+    why = getattr(step_module, "backward_in_forward", None)  # declared by the objective
     if why:
-        raise ConfigError(f"distributed.zero_stage=3 cannot train {why}, and ZeRO-3 gathers each layer's "
+        raise ConfigError(f"distributed.zero_stage=3 cannot train {getattr(step_module, 'objective', '')!r}: {why}, "
+                          "and ZeRO-3 gathers each layer's "
                           "parameters only for DeepSpeed's own forward and backward; use "
                           "distributed.zero_stage=1 or 2, or distributed.backend=ddp")
     # the objective would run, but guardx's checkpoints (full, any world size) are built for ZeRO-1/2
     raise ConfigError("distributed.zero_stage=3 is not supported: guardx's resumable, world-size-independent "
                       "checkpoints cover ZeRO stages 0-2, and ResNet-scale weights fit on every GPU, so "
                       "ZeRO-3 would save nothing; use distributed.zero_stage=1 or 2")
-
-
-def _backward_inside_forward(objective) -> str | None:
-    """Why ``objective`` differentiates inside its forward (double backprop, parameter or input gradients)."""
-    from guardx.objectives import Plain
-    from guardx.objectives.kd import SoftLabelKD
-
-    if objective is None or isinstance(objective, (Plain, SoftLabelKD)):
-        return None
-    mode = getattr(objective, "mode", None)
-    if mode in ("exact", "cure") or type(objective).__name__ == "GradNorm":
-        return f"{objective!r}: it differentiates through input gradients (double backprop) inside the forward"
-    if mode == "lossdiff" and getattr(objective, "low_memory", False):
-        return f"{objective!r}: it takes parameter gradients inside the forward (low_memory)"
-    return f"{objective!r}: it runs backward passes inside the forward"
 
 
 # guardx derives these from its own config; a DeepSpeed JSON file may leave them out or say "auto"

@@ -20,7 +20,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from guardx.errors import ConfigError
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -119,27 +118,3 @@ class Engine:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-
-
-def build_engine(step_module: nn.Module, *, optimizer: torch.optim.Optimizer, scheduler=None, cfg, ctx,
-                 grad_clip: float = 0.0, global_batch: int = 0) -> Engine:
-    """Wrap ``step_module`` (an :class:`~guardx.objectives.ObjectiveStep`) for ``cfg.distributed.backend``.
-
-    The optimiser is built by the caller on the model's parameters, after the model is on its device.
-    ``global_batch`` (samples per optimiser step over all ranks) is needed by DeepSpeed's config.
-    """
-    d = cfg.distributed
-    common = dict(grad_accum=d.grad_accum, precision=d.precision, device=ctx.device)
-    if d.backend == "deepspeed":
-        from guardx.distributed.deepspeed_engine import DeepSpeedEngine, check_zero_stage
-
-        check_zero_stage(d, step_module)  # before DeepSpeed is imported: a config error costs nothing
-        return DeepSpeedEngine(step_module, optimizer, scheduler, grad_clip, cfg=d, ctx=ctx,
-                               global_batch=global_batch, **common)
-    if d.backend == "ddp" and ctx.world_size > 1:
-        from guardx.distributed.ddp import DDPEngine
-
-        return DDPEngine(step_module, optimizer, scheduler, grad_clip, ctx=ctx, **common)
-    if d.backend in ("none", "ddp"):
-        return Engine(step_module, optimizer, scheduler, grad_clip, **common)
-    raise ConfigError(f"distributed.backend={d.backend!r} is not one of none, ddp, deepspeed")

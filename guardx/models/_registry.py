@@ -1,40 +1,38 @@
-"""Name → factory registry for models."""
+"""The model registry (timm-style): ``@register_model`` on a factory, ``create_model(name, ...)`` to build."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch.nn as nn
 
-from guardx.errors import did_you_mean
+from guardx.registry import Registry
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS = Registry("model")
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    name = fn.__name__
-    if name in _MODELS:
-        raise ValueError(f"model {name!r} registered twice")
-    _MODELS[name] = fn
-    return fn
+def register_model(fn: Callable[..., nn.Module] | None = None, **caps):
+    """``@register_model`` or ``@register_model(torchvision="resnet18")``: registered under the function's
+    name; ``caps`` are capabilities (e.g. which torchvision architecture's state_dict loads unchanged)."""
+    if fn is None:
+        return MODELS.register(**caps)
+    return MODELS.register()(fn)
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def is_model(name: str) -> bool:
-    return name in _MODELS
+    return name in MODELS
 
 
-def create_model(name: str, *, num_classes: int, mean=None, std=None, **kwargs) -> nn.Module:
-    """Build ``name`` wrapped in :class:`Normalized` (identity normalisation when mean/std are None).
+def create_model(name: str, *, num_classes: int, mean=None, std=None, whiten: nn.Module | None = None,
+                 **kwargs) -> nn.Module:
+    """Build ``name`` wrapped in :class:`Normalized` (identity normalisation when mean/std are None; ``whiten``,
+    e.g. a ZCA, replaces mean/std).
 
     ``None`` kwargs are dropped so a factory's defaults stay in effect (timm's convention).
     """
     from guardx.models.wrapper import Normalized
 
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}{did_you_mean(name, _MODELS)}; known: {', '.join(list_models())}")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    net = _MODELS[name](num_classes=num_classes, **kwargs)
-    return Normalized(net, mean=mean, std=std)
+    return Normalized(MODELS.build(name, num_classes=num_classes, **kwargs), mean=mean, std=std, whiten=whiten)

@@ -73,13 +73,14 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model
+@register_model(torchvision="resnet18", batchnorm=True)
 def resnet18(num_classes: int = 1000, width: int = 64, resolution: int | None = None) -> ResNet:
     """ResNet-18 with the ImageNet stem (224 px)."""
     return ResNet((2, 2, 2, 2), num_classes, width, stem="imagenet")
 
 
-@register_model
+# torchvision=None: same parameter names as torchvision's resnet18, but a 3x3 conv1, so its state_dict does not load
+@register_model(torchvision=None, batchnorm=True)
 def resnet18_small(num_classes: int = 10, width: int = 64, resolution: int | None = None) -> ResNet:
     """ResNet-18 with the small-image stem (32/64 px: CIFAR, Tiny-ImageNet, the digits demo)."""
     return ResNet((2, 2, 2, 2), num_classes, width, stem="small")

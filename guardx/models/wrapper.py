@@ -12,20 +12,29 @@ import torch.nn as nn
 
 
 class Normalized(nn.Module):
-    """``forward(x) = net((x - mean) / std)``; mean/std are buffers so they move with the model."""
+    """``forward(x) = net((x - mean) / std)``; mean/std are buffers so they move with the model.
 
-    def __init__(self, net: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    ``whiten`` (e.g. MTT's :class:`~guardx.data.zca.ZCA`, a module with ``forward`` and ``inverse``)
+    replaces the mean/std normalisation; its buffers are part of the saved state."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 whiten: nn.Module | None = None):
         super().__init__()
         self.net = net
-        self.has_norm = mean is not None and std is not None
+        self.whiten = whiten
+        self.has_norm = mean is not None and std is not None and whiten is None
         shape = (1, -1, 1, 1)
         self.register_buffer("mean", torch.tensor(mean if self.has_norm else [0.0]).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(std if self.has_norm else [1.0]).view(shape), persistent=False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.whiten is not None:
+            return self.whiten(x)
         return (x - self.mean) / self.std if self.has_norm else x
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.whiten is not None:
+            return self.whiten.inverse(x)
         return x * self.std + self.mean if self.has_norm else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,38 +14,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guardx.errors import did_you_mean
 from guardx.models.wrapper import split_normalizer
-from guardx.objectives._common import running_stats_mode, stats_dict
-from guardx.objectives.guard import Guard, finish_double_backprop, input_gradient
-from guardx.objectives._common import mode_independent, trainable
+from guardx.objectives._common import mode_independent, running_stats_mode, stats_dict, trainable
+from guardx.objectives.guard import Guard, check_space, finish_double_backprop, input_gradient
+from guardx.registry import Registry
 
-_OBJECTIVES: dict[str, Callable[..., Callable]] = {}
-
-
-def register_objective(name: str):
-    def deco(factory):
-        if name in _OBJECTIVES:
-            raise ValueError(f"objective {name!r} registered twice")
-        _OBJECTIVES[name] = factory
-        return factory
-    return deco
+# Each objective declares its config-settable parameters (help text here; defaults and types from its
+# signature) and, as the attribute ``backward_in_forward``, whether it differentiates inside its forward
+# (engines read that, e.g. to refuse ZeRO-3, without knowing objective classes).
+OBJECTIVES = Registry("objective")
+register_objective = OBJECTIVES.register
 
 
 def list_objectives() -> list[str]:
-    return sorted(_OBJECTIVES)
+    return OBJECTIVES.names()
 
 
 def build_objective(name: str, **params) -> Callable:
-    if name not in _OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}{did_you_mean(name, _OBJECTIVES)}; known: {list_objectives()}")
-    params = {k: v for k, v in params.items() if v is not None}
-    return _OBJECTIVES[name](**params)
+    """``obj(model, x, y) -> (loss, stats)``; an unknown name or parameter is a one-line ConfigError, a bad
+    value a ValueError naming it."""
+    return OBJECTIVES.build(name, **params)
 
 
 @register_objective("plain")
 class Plain:
     """Cross-entropy: the SRe2L squeeze."""
+
+    backward_in_forward = None
 
     def __repr__(self) -> str:
         return "Plain()"
@@ -55,10 +50,18 @@ class Plain:
         return ce, stats_dict(ce=ce, loss=ce)
 
 
-register_objective("guard")(Guard)
+register_objective("guard", params={
+    "mode": "exact (eq. 11, double backprop) | lossdiff (official ImageNet code) | cure (official CIFAR code)",
+    "h": "discretisation step along z (in units of `space`)",
+    "lam": "exact/cure: regulariser weight lambda",
+    "beta": "lossdiff: weight of |L(x+hz) - L(x)|",
+    "space": "where the perturbation acts: normalized (after the model's normaliser) | pixel",
+}, ranges={"h": (0, None), "lam": (0, None), "beta": (0, None)})(Guard)
 
 
-@register_objective("gradnorm")
+@register_objective("gradnorm", params={"lam_g": "weight lambda_g of ||grad_x loss||^2",
+                                        "space": "where the perturbation acts: normalized | pixel"},
+                    ranges={"lam_g": (0, None)})
 class GradNorm:
     """Input-gradient regularisation (Table 3 ablation): reg = λ_g/B Σ_i ‖∇_{x_i} ℓ_i‖², double backprop.
 
@@ -66,7 +69,10 @@ class GradNorm:
     ``space`` (normalised input by default), shared clean pass when the model allows it.
     """
 
+    backward_in_forward = "it differentiates through input gradients (double backprop) inside the forward"
+
     def __init__(self, lam_g: float = 1e-2, space: str = "normalized", low_memory: bool = True):
+        check_space(space)
         self.lam_g, self.space, self.low_memory = lam_g, space, low_memory
 
     def __repr__(self) -> str:
@@ -83,7 +89,10 @@ class GradNorm:
         return loss, stats_dict(ce=ce, reg=reg, loss=loss)
 
 
-@register_objective("adv")
+@register_objective("adv", params={"eps": "L-inf radius in pixel units (accepts k/255)",
+                                   "alpha": "PGD step size in pixel units", "steps": "PGD steps k",
+                                   "random_start": "start PGD from a uniform point in the eps-ball"},
+                    ranges={"eps": "pixels", "alpha": "pixels", "steps": (1, None)})
 class Adversarial:
     """PGD-k adversarial training (the SRe2L+Adv baseline of Table 1).
 
@@ -91,7 +100,14 @@ class Adversarial:
     units; the training loss is the cross-entropy on the adversarial batch in the model's current mode.
     """
 
+    backward_in_forward = "it runs PGD's input-gradient backward passes inside the forward"
+
     def __init__(self, eps: float = 1 / 255, alpha: float = 0.25 / 255, steps: int = 10, random_start: bool = True):
+        if not (0 <= eps <= 1 and 0 <= alpha <= 1):
+            raise ValueError(f"adv: eps and alpha are in pixel units, within [0, 1] (got eps={eps:g}, "
+                             f"alpha={alpha:g}; did you mean {eps:g}/255?)")
+        if steps < 1:
+            raise ValueError(f"adv: steps must be >= 1, got {steps}")
         self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
 
     def __repr__(self) -> str:
@@ -121,6 +137,11 @@ class ObjectiveStep(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor):
         return self.objective(self.model, x, y)
 
+    @property
+    def backward_in_forward(self) -> str | None:
+        """Why the objective differentiates inside the forward (None: it does not)."""
+        return getattr(self.objective, "backward_in_forward", None)
 
-__all__ = ["build_objective", "list_objectives", "register_objective", "ObjectiveStep", "Guard", "Plain",
-           "GradNorm", "Adversarial"]
+
+__all__ = ["OBJECTIVES", "build_objective", "list_objectives", "register_objective", "ObjectiveStep", "Guard",
+           "Plain", "GradNorm", "Adversarial"]

@@ -37,6 +37,12 @@ from guardx.objectives._common import (inject, mode_independent, param_grads, pe
                                        rowwise_sqdist, running_stats_mode, stats_dict, trainable)
 
 MODES = ("exact", "lossdiff", "cure")
+SPACES = ("normalized", "pixel")
+
+
+def check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
 
 
 def input_gradient(net, x: torch.Tensor, y: torch.Tensor, create_graph: bool):
@@ -70,7 +76,19 @@ class Guard:
                  space: str = "normalized", low_memory: bool = True):
         if mode not in MODES:
             raise ValueError(f"guard mode must be one of {MODES}, got {mode!r}")
+        check_space(space)
+        for key, value in (("h", h), ("lam", lam), ("beta", beta)):
+            if not value >= 0:  # also catches NaN
+                raise ValueError(f"guard {key} must be >= 0, got {value}")
         self.mode, self.h, self.lam, self.beta, self.space, self.low_memory = mode, h, lam, beta, space, low_memory
+
+    @property
+    def backward_in_forward(self) -> str:
+        if self.mode in ("exact", "cure"):
+            return "it differentiates through input gradients (double backprop) inside the forward"
+        if self.low_memory:
+            return "it takes parameter gradients inside the forward (low_memory)"
+        return "it takes input gradients inside the forward"
 
     def __repr__(self) -> str:
         weight = f"beta={self.beta:g}" if self.mode == "lossdiff" else f"lam={self.lam:g}"

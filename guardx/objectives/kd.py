@@ -14,6 +14,8 @@ class SoftLabelKD:
     and the teacher labels the batch itself.
     """
 
+    backward_in_forward = None
+
     def __init__(self, temperature: float = 20.0, teacher=None):
         self.temperature, self.teacher = temperature, teacher
 

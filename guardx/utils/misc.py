@@ -6,12 +6,13 @@ import math
 import random
 import sys
 from fractions import Fraction
+from pathlib import Path
 from typing import Iterable
 
 import torch
 from tqdm import tqdm
 
-from guardx.errors import NonFiniteLossError
+from guardx.errors import ConfigError, NonFiniteLossError
 
 
 def derive_seed(*parts) -> int:
@@ -80,12 +81,48 @@ def interactive() -> bool:
 
 
 def check_finite(value: float, *, stage: str, step: int, last_good: str | None) -> None:
+    """NonFiniteLossError for a NaN/inf loss, naming the newest good checkpoint (checkpoints are written
+    only when finite, see :mod:`guardx.utils.checkpoint`)."""
     if not math.isfinite(value):
+        from guardx.utils.checkpoint import nonfinite_advice
+
         where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint written yet"
-        raise NonFiniteLossError(f"{stage}: loss became {value} at step {step} (lower the learning rate, or clip "
-                                 f"gradients with squeeze.grad_clip){where}")
+        raise NonFiniteLossError(f"{stage}: loss became {value} at step {step} ({nonfinite_advice(stage)}){where}")
 
 
 def cosine_lr(step: int, total: int) -> float:
     """Multiplier of the base learning rate: cosine from 1 to 0 over ``total`` steps."""
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def lr_schedule(name: str, total: int):
+    """``step -> multiplier`` of the base learning rate: ``cosine`` (1 → 0), ``step`` (×0.1 from half of
+    ``total`` on, DC/MTT's evaluation schedule) or ``constant``."""
+    if name == "cosine":
+        return lambda step: cosine_lr(step, total)
+    if name == "step":
+        return lambda step: 0.1 if step >= total // 2 else 1.0
+    if name == "constant":
+        return lambda step: 1.0
+    raise ValueError(f"unknown learning-rate schedule {name!r} (cosine | step | constant)")
+
+
+def labelled_paths(specs: list[str], what: str = "evaluate.checkpoints") -> list[tuple[str, Path]]:
+    """``["guard=a/student.pt", "b/student.pt"]`` -> unique ``(label, path)`` pairs; unnamed entries are
+    labelled by their file stem, with parent folders added until the labels are unique."""
+    named = []
+    for s in specs:
+        label, sep, p = s.partition("=")
+        named.append((label, Path(p)) if sep and label and p else (None, Path(s)))
+    unnamed = [p for label, p in named if label is None]
+    depth = 1
+    while True:
+        auto = {p: "/".join(p.with_suffix("").parts[-depth:]) for p in unnamed}
+        if len(set(auto.values())) == len(auto) or depth > max((len(p.parts) for p in unnamed), default=1):
+            break
+        depth += 1
+    entries = [(label if label is not None else auto[p], p) for label, p in named]
+    labels = [lab for lab, _ in entries]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{what}: labels must be unique, got {labels}")
+    return entries
