@@ -1,22 +1,49 @@
 #!/usr/bin/env bash
-# The committed CPU runs (reduced resolution, stated in every result). ~30-40 min on 2 quiet cores.
-# Run on an idle machine: CPU timings of several processes sharing cores are meaningless.
+# The committed CPU results, every file in benchmarks/results/, then the README block.
+#
+#   bash benchmarks/run_cpu.sh                      # everything (~1.5 h on 2 quiet cores)
+#   bash benchmarks/run_cpu.sh table4 report        # only some parts: table4 sweep throughput loaders scaling dc mtt
+#                                                   # demo report
+#   PY=/path/to/python bash benchmarks/run_cpu.sh
+#
+# Run on an idle machine: every result records the load average before and after and warns when it exceeded
+# the cores, but CPU timings of processes sharing cores measure the contention, not the code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 GX="$PY -m guardx"
+PARTS=${*:-table4 sweep throughput loaders scaling dc mtt demo report}
+uptime
 
-# Table 4 layout at 64 px (224 px would take hours on 2 cores): ResNet-18, batch 32, 5 repeats.
-$GX bench overhead --device cpu --model resnet18 --batch-size 32 --resolution 64 --repeats 5 --iters 3 --warmup 2
-
-# Cost growth, CPU-sized grid.
-$GX bench sweep --device cpu --model resnet18 --batch-sizes 8,16,32 --resolutions 32,64 --repeats 3 --iters 2 \
-    --warmup 1
-
-# Stage throughput: the built-in tiny demo settings (every part, end-to-end included) ...
-$GX bench throughput --device cpu --iters 10 --repeats 3
-# ... and the demo config's squeeze / recover / loader (without its 10-minute end-to-end run).
-$GX bench throughput --device cpu --config configs/demo.yaml --what squeeze,recover,loader --iters 5 \
-    --name throughput-cpu-demo
-
-$GX bench report
+for part in $PARTS; do
+  case $part in
+  table4)  # Table 4 at 64 px (224 px would take hours on 2 cores): ResNet-18, batch 32, every method round-robin
+    $GX bench overhead --device cpu --model resnet18 --batch-size 32 --resolution 64 --rounds 12 --warmup 2 ;;
+  sweep)  # cost growth, CPU-sized grid, the main methods
+    $GX bench sweep --device cpu --model resnet18 --batch-sizes 8,16,32 --resolutions 32,64 --rounds 5 --warmup 1 \
+        --methods plain,guard_lossdiff,guard_exact,gradnorm,adv,ref_adv_official ;;
+  throughput)  # the built-in tiny demo settings (every part, end-to-end included), then the demo config's parts
+    $GX bench throughput --device cpu --iters 10 --repeats 3
+    $GX bench throughput --device cpu --config configs/demo.yaml --what squeeze,recover,loader --iters 5 \
+        --name throughput-cpu-demo ;;
+  loaders)  # 2,560 generated ImageNet-sized JPEGs; needs the ffcv and dali extras
+    $GX bench loaders --device cpu ;;
+  scaling)  # one core per rank, 1 and 2 ranks
+    $GX bench squeeze-scaling --device cpu --ranks 1,2 --backends ddp,zero2
+    $GX bench recover-scaling --device cpu --ranks 1,2 ;;
+  dc)  # DC vs GUARD(DC), vectorised vs per-class, one thread, ipc 1 and 10
+    $PY -m guardx.bench.dc --device cpu --threads 1 --width 32 --ipc 1 --outer-loop 1 --batch-real 64 --repeats 3
+    $PY -m guardx.bench.dc --device cpu --threads 1 --width 32 --ipc 10 --outer-loop 2 --batch-real 64 --repeats 3 ;;
+  mtt)  # MTT vs TESLA peak memory over the synthetic steps N
+    $PY -m guardx.bench.mtt_memory --device cpu ;;
+  demo)  # the demo pipeline (~10 min); its report is the committed demo-cpu.{json,md}
+    rm -rf runs/demo-cpu-bench  # a fresh run: the pipeline would reuse finished stages
+    $GX pipeline --config configs/demo.yaml run.out_dir=runs/demo-cpu-bench
+    cp runs/demo-cpu-bench/report.json benchmarks/results/demo-cpu.json
+    cp runs/demo-cpu-bench/report.md benchmarks/results/demo-cpu.md ;;
+  report)
+    $GX bench report ;;
+  *) echo "unknown part '$part' (table4 sweep throughput loaders scaling dc mtt demo report)" >&2; exit 2 ;;
+  esac
+done
+uptime

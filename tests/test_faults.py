@@ -518,12 +518,17 @@ def test_under_torchrun_the_survivor_of_a_killed_rank_prints_one_line(tmp_path):
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "run"
     cmd = _torchrun("-m", "guardx", "squeeze", "data.dataset=digits", "data.resolution=16", "model.name=convnet",
-                    "model.width=8", "squeeze.epochs=3", "squeeze.batch_size=32", "squeeze.ckpt_every_steps=1",
+                    "model.width=8", "squeeze.epochs=30", "squeeze.batch_size=32", "squeeze.ckpt_every_steps=1",
                     "run.progress=false", "run.device=cpu", "distributed.backend=ddp", f"run.out_dir={out}")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = out / "squeeze" / "ckpt"
+
+    def running() -> bool:  # a checkpoint past step 1 exists (rotation deletes old ones: any newer will do)
+        return any(int(p.name[5:14]) >= 2 for p in ckpt.glob("step_?????????.pt")) if ckpt.is_dir() else False
+
     try:
         deadline = time.monotonic() + 300
-        while not (out / "squeeze" / "ckpt" / "step_000000002.pt").exists():
+        while not running():
             assert time.monotonic() < deadline and proc.poll() is None, "run did not start"
             time.sleep(0.05)
         ranks = {w.environ().get("RANK"): w for w in psutil.Process(proc.pid).children(recursive=True)}

@@ -11,10 +11,17 @@ and early freeing buy (see guardx/objectives/guard.py for those):
   perturbed gradient graphs and the cross-entropy graph all alive until the one backward
   (``low_memory=False`` style). guardx takes z from the clean pass and frees the regulariser's graphs
   before the cross-entropy forward.
+* :class:`OfficialAdv` — PGD-k adversarial training as the official code runs it: the attack in the
+  model's training mode (BatchNorm batch statistics, running statistics updated by every attack step)
+  with a full backward per attack step (input *and* every weight: ``loss.backward()``, the weight
+  gradients then thrown away). guardx's ``adv`` attacks with running statistics (folded BatchNorm) and
+  asks autograd for the input gradient only.
 
-Both follow guardx's conventions (normalised-space perturbation, running-statistics BatchNorm in the
-regulariser's passes), so on a model in eval mode or without BatchNorm their loss and gradient equal
-guardx's (``tests/test_bench.py`` checks this): the benchmark compares cost, not different maths.
+Both GUARD baselines follow guardx's conventions (normalised-space perturbation, running-statistics
+BatchNorm in the regulariser's passes) but run BatchNorm as BatchNorm (no folding, see
+guardx/objectives/_fold.py), so on a model in eval mode or without BatchNorm their loss and gradient
+equal guardx's (``tests/test_bench.py`` checks this): the benchmark compares cost, not different maths.
+:class:`Unfolded` runs any guardx objective with BatchNorm folding switched off (the A/B rows).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 
 from guardx.models.wrapper import split_normalizer
 from guardx.objectives._common import per_sample_ce, running_stats_mode, stats_dict, trainable, unit_direction
+from guardx.objectives._fold import bn_folding
 from guardx.objectives.guard import input_gradient
 
 
@@ -39,7 +47,7 @@ class OfficialLossDiff:
         to_input, net = split_normalizer(model, "normalized")
         xin = to_input(x).detach()
         ce = F.cross_entropy(net(xin), y)  # forward 1: the training loss, current mode
-        with running_stats_mode(net):  # the official code switches to eval mode for the regulariser
+        with running_stats_mode(net, fold=False):  # the official code switches to eval mode for the regulariser
             x0 = xin.clone().requires_grad_(True)  # stays requires_grad, as the official image tensor does
             loss_z = F.cross_entropy(net(x0), y)  # forward 2: find the direction ...
             g, *_ = torch.autograd.grad(loss_z, [x0, *trainable(model)], allow_unused=True)  # ... full backward
@@ -62,7 +70,7 @@ class NaiveExact:
     def __call__(self, model, x, y):
         to_input, net = split_normalizer(model, "normalized")
         xin = to_input(x).detach()
-        with running_stats_mode(net):
+        with running_stats_mode(net, fold=False):
             xd = xin.clone().requires_grad_(True)
             (g_dir,) = torch.autograd.grad(per_sample_ce(net(xd), y).sum(), xd)  # pass 1: the direction only
             z = unit_direction(g_dir)
@@ -72,3 +80,44 @@ class NaiveExact:
         ce = F.cross_entropy(net(xin), y)  # pass 4: the training loss; every graph lives until backward
         loss = ce + reg
         return loss, stats_dict(ce=ce, reg=reg, loss=loss)
+
+
+class OfficialAdv:
+    """Baseline: PGD-k adversarial training as the official code runs it (see module docstring)."""
+
+    def __init__(self, eps: float = 1 / 255, alpha: float = 0.25 / 255, steps: int = 10, random_start: bool = True):
+        self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
+
+    def __repr__(self) -> str:
+        return f"OfficialAdv(eps={self.eps:.4g}, alpha={self.alpha:.4g}, steps={self.steps})  # baseline"
+
+    def __call__(self, model, x, y):
+        params = trainable(model)
+        x = x.detach()
+        adv = (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(0, 1) if self.random_start else x
+        for _ in range(self.steps):  # the model's own mode: train mode in the squeeze, BatchNorm updated
+            adv = adv.detach().requires_grad_(True)
+            loss = F.cross_entropy(model(adv), y)
+            g, *_ = torch.autograd.grad(loss, [adv, *params], allow_unused=True)  # = loss.backward(), weights too
+            adv = (x + (adv.detach() + self.alpha * g.sign() - x).clamp(-self.eps, self.eps)).clamp(0, 1)
+        ce = F.cross_entropy(model(adv), y)
+        return ce, stats_dict(ce=ce, loss=ce)
+
+
+class Unfolded:
+    """A/B: ``objective`` with BatchNorm run as BatchNorm in its running-statistics passes."""
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def __repr__(self) -> str:
+        return f"{self.objective!r}  # BatchNorm not folded"
+
+    def __getattr__(self, name):  # mode, low_memory, ...: what the engines read off an objective
+        if name == "objective":
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+    def __call__(self, model, x, y):
+        with bn_folding(False):
+            return self.objective(model, x, y)

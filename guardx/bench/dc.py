@@ -25,7 +25,7 @@ import sys
 import torch
 
 # the timing helpers at this branch point (another engineer renames the module to guardx.bench.measure)
-from guardx.bench._measure import Timer, device_tag, environment, resolve_device, save_result, summary, synchronize
+from guardx.bench.measure import Timer, device_tag, environment, resolve_device, save_result, summary, synchronize
 
 METHODS = {  # name -> (objective name, objective params, batched, label)
     "dc": ("plain", {}, True, "DC (classes vectorised)"),

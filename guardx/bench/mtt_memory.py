@@ -9,7 +9,7 @@ images and the step size — minus the optimiser step, data and expert loading. 
 ``exact`` and ``first_order`` (TESLA, see ``guardx.distill.mtt``). Each (mode, N) runs in a fresh process:
 a warm-up iteration with N = 1 (libraries, allocator), then the peak is reset and one iteration with N is
 measured. Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the process's peak RSS on CPU
-(see ``guardx.bench._measure``), reported as the growth over the memory held before the iteration; on CPU the
+(see ``guardx.bench.measure``), reported as the growth over the memory held before the iteration; on CPU the
 workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that RSS follows the live tensors.
 Alongside, a device-independent number: the peak bytes autograd holds as saved tensors
 (:class:`SavedTensorMeter`) — the activation memory the graph needs, without allocator effects.
@@ -25,12 +25,8 @@ import time
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-try:  # the measuring helpers (being renamed from _measure to measure)
-    from guardx.bench.measure import (current_memory_mib, device_tag, environment, memory_kind, peak_memory_mib,
-                                      reset_peak_memory, resolve_device, run_isolated, save_result, synchronize)
-except ImportError:  # pragma: no cover - depends on the checkout
-    from guardx.bench._measure import (current_memory_mib, device_tag, environment, memory_kind, peak_memory_mib,
-                                       reset_peak_memory, resolve_device, run_isolated, save_result, synchronize)
+from guardx.bench.measure import (current_memory_mib, device_tag, environment, memory_kind, peak_memory_mib,
+                                  reset_peak_memory, resolve_device, run_isolated, save_result, synchronize)
 
 MODES = ("unrolled", "exact", "first_order")
 LABELS = {"unrolled": "MTT (unrolled)", "exact": "TESLA exact", "first_order": "TESLA first-order (public code)"}

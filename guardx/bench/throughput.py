@@ -4,9 +4,10 @@
     guardx bench throughput --config configs/demo.yaml --what squeeze,recover,loader
     guardx bench throughput --config configs/imagenet1k.yaml data.train_dir=/data/train --what loader
 
-* squeeze — img/s of ``Engine(ObjectiveStep(model, objective))`` (the squeeze's step: forward with the
-  configured objective, backward, SGD step) on one fixed batch of ``squeeze.batch_size`` images at
-  ``data.resolution``, already on the device (no loader);
+* squeeze — img/s of the fixed-batch squeeze step (``guardx.bench.measure.fixed_batch_step``: forward
+  with the configured objective, backward, SGD step) through the squeeze stage's own engine
+  (``build_engine``), one fixed batch of ``squeeze.batch_size`` images at ``data.resolution`` already on
+  the device (no loader);
 * recover — image-iterations/s of :func:`guardx.recover.synthesize` (the recover stage's inner loop,
   one batch of ``recover.batch_size`` images, ``--iters`` optimisation steps) on a freshly initialised
   teacher built from ``model.*`` (cost does not depend on the teacher's weights);
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from guardx.bench._measure import (Timer, device_tag, environment, resolve_device, save_result, summary,
-                                   synchronize, timed_repeats)
+from guardx.bench.measure import (Timer, device_tag, environment, fixed_batch_step, resolve_device, save_result,
+                                  summary, synchronize, timed_blocks)
 from guardx.errors import GuardxError
 
 PARTS = ("squeeze", "recover", "loader", "e2e")
@@ -64,24 +65,20 @@ def _model(cfg, num_classes: int, device: torch.device):
 
 def squeeze_throughput(cfg, device, *, warmup: int, repeats: int, iters: int, num_classes: int) -> dict:
     from guardx.distributed import build_engine, init_distributed
-    from guardx.objectives import ObjectiveStep, build_objective
+    from guardx.objectives import build_objective
 
-    model = _model(cfg, num_classes, device).train()
     objective = build_objective(cfg.objective.name, **cfg.objective.params())
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=cfg.squeeze.momentum,
-                          weight_decay=cfg.squeeze.weight_decay)
     bs, res = cfg.squeeze.batch_size, cfg.data.resolution
-    engine = build_engine(ObjectiveStep(model, objective), optimizer=opt, cfg=cfg, ctx=init_distributed(cfg),
-                          grad_clip=cfg.squeeze.grad_clip, global_batch=bs)  # the squeeze stage's engine
-    x = torch.rand(bs, 3, res, res, device=device)
-    y = torch.randint(0, num_classes, (bs,), device=device)
 
-    def step() -> None:
-        loss, _ = engine(x, y)
-        engine.backward(loss)
-        engine.step()
+    def engine(step_module, optimizer):  # the squeeze stage's engine
+        return build_engine(step_module, optimizer=optimizer, cfg=cfg, ctx=init_distributed(cfg),
+                            grad_clip=cfg.squeeze.grad_clip, global_batch=bs)
 
-    times = timed_repeats(step, device, warmup=warmup, repeats=repeats, iters=iters)
+    step = fixed_batch_step(objective, model=cfg.model.name, num_classes=num_classes, width=cfg.model.width,
+                            batch_size=bs, resolution=res, device=device, mean=cfg.data.mean, std=cfg.data.std,
+                            seed=cfg.run.seed, momentum=cfg.squeeze.momentum,
+                            weight_decay=cfg.squeeze.weight_decay, build_engine=engine)
+    times = timed_blocks(step, device, warmup=warmup, repeats=repeats, iters=iters)
     rates = [bs / t for t in times]
     return {"what": f"squeeze step ({objective!r}, {cfg.distributed.precision}), fixed batch {bs} at {res} px",
             "unit": "img/s",

@@ -1,7 +1,7 @@
 """Pieces every objective shares: BatchNorm handling, per-sample directions, gradient injection."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Sequence
 
 import torch
@@ -15,14 +15,20 @@ _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutN
 
 
 @contextmanager
-def running_stats_mode(model: nn.Module) -> Iterator[None]:
+def running_stats_mode(model: nn.Module, fold: bool | None = None) -> Iterator[None]:
     """Eval mode for the regulariser's passes: BatchNorm uses (and does not update) running statistics.
 
     The official code's choice (``net.eval()`` inside the regulariser). Restores each module's flag.
     The passes see private copies of the running statistics: a later train-mode forward in the same
     step updates the buffers in place, which would otherwise silently change what these passes'
     backward reads (autograd saved the very same tensors).
+
+    ``fold`` (default: on, see :func:`guardx.objectives._fold.bn_folding`): each BatchNorm that follows a
+    convolution is folded into it for the passes inside (``_fold.py``): the same function and the same
+    gradients, without BatchNorm's forward, backward and double backward.
     """
+    from guardx.objectives._fold import folded_batchnorm, folding_enabled
+
     flags = [(m, m.training) for m in model.modules()]
     swapped = []
     for m in model.modules():
@@ -31,7 +37,8 @@ def running_stats_mode(model: nn.Module) -> Iterator[None]:
             m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
     model.eval()
     try:
-        yield
+        with folded_batchnorm(model) if (folding_enabled() if fold is None else fold) else nullcontext():
+            yield
     finally:
         for m, was_training in flags:
             m.training = was_training
@@ -71,10 +78,23 @@ def inject(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> tor
 
     Lets an objective finish its expensive passes early (freeing their activations: peak memory stays
     near one forward) and still hand the engine a single differentiable loss, so DDP and DeepSpeed
-    reduce the whole gradient in their normal backward.
+    reduce the whole gradient in their normal backward. No arithmetic on the parameters in the forward;
+    the backward hands over ``g`` (times the incoming scale, e.g. 1/micro-batches) and forgets it.
     """
-    total = sum((p * g).sum() for p, g in zip(params, grads))
-    return total - total.detach()
+    return _Inject.apply(list(grads), *params)
+
+
+class _Inject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grads, *params):
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, scale):
+        grads, ctx.grads = ctx.grads, None  # handed over once; not kept alive with the graph
+        return (None, *torch._foreach_mul(grads, scale))
 
 
 def stats_dict(**values: torch.Tensor | float) -> dict[str, float]:

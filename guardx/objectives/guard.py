@@ -18,6 +18,11 @@ Work shared between passes (why a step costs what it costs; FLOPs in units of on
   graphs freed *before* the cross-entropy forward, then handed to the engine through a zero-valued
   surrogate (:func:`inject`). Peak activation memory is one pass, not three, and DDP/DeepSpeed still see
   a single loss whose ordinary backward carries the whole gradient.
+* in the regulariser's passes BatchNorm runs on running statistics, an affine map: it is folded into the
+  convolution before it (``_fold.py``: W', b' recomputed inside autograd from W, γ, β and the running
+  statistics), so those passes run conv → ReLU — no BatchNorm forward, backward or double backward —
+  with the same gradients. This is why a GUARD step can cost less than its FLOP ratio to a plain step,
+  whose cross-entropy pass keeps train-mode BatchNorm;
 * the per-step row ops, x + h·g/‖g‖ and Σ(gz − g0)², are fused Triton kernels on CUDA tensors
   (``kernels/``; PyTorch references elsewhere): about a third of the memory traffic, and the exact
   regulariser's autograd no longer keeps a copy of gz − g0 alive.
@@ -110,31 +115,36 @@ class Guard:
         return loss, stats_dict(ce=ce, reg=reg, loss=loss)
 
     def _lossdiff(self, net, xin, y, params, shared):
-        with running_stats_mode(net):
-            x0 = xin.clone().requires_grad_(True)
-            clean = per_sample_ce(net(x0), y).mean()
-            if self.low_memory:  # one backward gives z's gradient and ∇θ L(x); the graph is freed here
-                g, *grads0 = torch.autograd.grad(clean, [x0, *params], allow_unused=True)
-                grads0 = [torch.zeros_like(p) if q is None else q for p, q in zip(params, grads0)]
-                clean = clean.detach()
-            else:
-                (g,) = torch.autograd.grad(clean, x0, retain_graph=True)
-            pert = per_sample_ce(net(perturb_along(xin, g, self.h)), y).mean()
-        diff = pert - clean
-        reg = self.beta * diff.abs()
+        x0 = xin.detach().requires_grad_(True)  # xin is already a detached tensor: no copy
         if not self.low_memory:
+            with running_stats_mode(net):
+                clean = per_sample_ce(net(x0), y).mean()
+                (g,) = torch.autograd.grad(clean, x0, retain_graph=True)
+                pert = per_sample_ce(net(perturb_along(xin, g, self.h)), y).mean()
+            reg = self.beta * (pert - clean).abs()
             ce = clean if shared else F.cross_entropy(net(xin), y)
             loss = ce + reg
             return loss, stats_dict(ce=ce, reg=reg, loss=loss)
-        sign = torch.sign(diff.detach())
-        grads_pert = param_grads(pert, params)  # frees the perturbed pass before the CE forward
-        grads = [self.beta * sign * (gp - g0) for gp, g0 in zip(grads_pert, grads0)]
+        # One running-statistics block per pass: each pass takes its own parameter backward, which frees
+        # its graph (and its folded BatchNorm weights, see _fold.py) before the next pass runs.
+        with running_stats_mode(net):  # one backward gives z's gradient and ∇θ L(x)
+            clean = per_sample_ce(net(x0), y).mean()
+            g, *grads0 = torch.autograd.grad(clean, [x0, *params], allow_unused=True)
+        grads0 = [torch.zeros_like(p) if q is None else q for p, q in zip(params, grads0)]
+        with running_stats_mode(net):
+            pert = per_sample_ce(net(perturb_along(xin, g, self.h)), y).mean()
+            grads = param_grads(pert, params)  # frees the perturbed pass before the CE forward
+        clean, pert = clean.detach(), pert.detach()
+        reg = self.beta * (pert - clean).abs()
+        # ∇θ reg = β·sign(L(x+hz) − L(x))·(∇θ L(x+hz) − ∇θ L(x)), in place over the gradient lists
+        torch._foreach_sub_(grads, grads0)
+        torch._foreach_mul_(grads, self.beta * torch.sign(pert - clean))
         if shared:
-            grads = [g_ + g0 for g_, g0 in zip(grads, grads0)]
+            torch._foreach_add_(grads, grads0)
             ce = clean
         else:
             ce = F.cross_entropy(net(xin), y)
-        loss = ce + reg.detach() + inject(params, grads)
+        loss = ce + reg + inject(params, grads)
         return loss, stats_dict(ce=ce, reg=reg, loss=loss)
 
 

@@ -1,7 +1,7 @@
 """Bandwidth of GUARD's row-wise Triton kernels against their PyTorch references (GPU only).
 
-    python benchmarks/kernels.py                 # writes benchmarks/results/kernels-<gpu>.{json,md}
-    python benchmarks/kernels.py --batch 32 --resolutions 32,64,112,224 --dtypes fp32,bf16
+    guardx bench kernels                 # writes benchmarks/results/kernels-<gpu>.{json,md}
+    guardx bench kernels --batch 32 --resolutions 32,64,112,224 --dtypes fp32,bf16
 
 Both ops are memory-bound, so the unit is GB/s of *necessary* traffic (the same numerator for both
 implementations; a higher number means less time):
@@ -13,40 +13,31 @@ runs. The reference rows are the exact PyTorch code guardx runs on CPU (eager, a
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import torch
 
-# Run as a script: put the repository root first so this checkout's guardx is the one imported.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import torch  # noqa: E402
+from guardx.bench.measure import device_tag, environment, parse_ints, save_result
+from guardx.errors import GuardxError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--resolutions", default="32,64,112,224")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args(argv)
+def run_kernels(args, progress=print) -> dict:
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (the kernels' CPU path is the PyTorch reference, and the "
-              "Triton interpreter is for tests, not timing); nothing measured.", file=sys.stderr)
-        return 1
+        raise GuardxError("guardx bench kernels needs a CUDA GPU (the kernels' CPU path is the PyTorch reference, "
+                          "and the Triton interpreter is for tests, not timing); nothing measured")
+    bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        raise GuardxError(f"--dtypes takes a comma-separated subset of {','.join(DTYPES)}; got {args.dtypes!r}")
     import triton
     from triton.testing import do_bench
 
-    from guardx.bench._measure import device_tag, environment, save_result
     from guardx.kernels import perturb_along_reference, rowwise_sqdist_reference
     from guardx.kernels.perturb import perturb_along_triton
     from guardx.kernels.sqdist import RowwiseSqDist
 
     device = torch.device("cuda")
     rows = []
-    for res in [int(r) for r in args.resolutions.split(",")]:
+    for res in parse_ints(args.resolutions, "--resolutions"):
         for dname in args.dtypes.split(","):
             dtype = DTYPES[dname]
             shape = (args.batch, 3, res, res)
@@ -69,31 +60,29 @@ def main(argv=None) -> int:
                 gbps = passes * n * esize * 1e-9 / (ms * 1e-3)
                 rows.append({"op": op, "impl": impl, "shape": list(shape), "dtype": dname, "ms_median": ms,
                              "ms_p20": lo, "ms_p80": hi, "gb_per_s": gbps})
-                print(f"{op:24s} {impl:7s} {str(shape):20s} {dname}: {ms * 1e3:8.1f} us  {gbps:7.1f} GB/s",
-                      flush=True)
+                progress(f"{op:24s} {impl:7s} {str(shape):20s} {dname}: {ms * 1e3:8.1f} us  {gbps:7.1f} GB/s")
+
+    def reference(r):
+        return next(q for q in rows if q["impl"] == "torch" and q["op"] == r["op"] and q["shape"] == r["shape"]
+                    and q["dtype"] == r["dtype"])
+
     for r in rows:  # speed-up of triton over torch on the same case
         if r["impl"] == "triton":
-            ref = next(q for q in rows if q["impl"] == "torch" and q["op"] == r["op"] and q["shape"] == r["shape"]
-                       and q["dtype"] == r["dtype"])
-            r["speedup_vs_torch"] = ref["ms_median"] / r["ms_median"]
+            r["speedup_vs_torch"] = reference(r)["ms_median"] / r["ms_median"]
     env = environment(device)
     env["triton"] = triton.__version__
-    result = {"benchmark": "kernels", "env": env, "config": vars(args), "rows": rows}
+    result = {"benchmark": "kernels", "env": env,
+              "config": {k: getattr(args, k) for k in ("batch", "resolutions", "dtypes")}, "rows": rows}
     lines = [f"# GUARD row-wise kernels — {env['device_name']}", "",
              f"torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · git {env['git_revision']}; "
              "do_bench median (p20–p80); GB/s of necessary traffic.", "",
              "| op | shape | dtype | triton µs | torch µs | triton GB/s | torch GB/s | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for r in (q for q in rows if q["impl"] == "triton"):
-        ref = next(q for q in rows if q["impl"] == "torch" and q["op"] == r["op"] and q["shape"] == r["shape"]
-                   and q["dtype"] == r["dtype"])
+        ref = reference(r)
         lines.append(f"| {r['op']} | {tuple(r['shape'])} | {r['dtype']} | {r['ms_median'] * 1e3:.1f} | "
                      f"{ref['ms_median'] * 1e3:.1f} | {r['gb_per_s']:.0f} | {ref['gb_per_s']:.0f} | "
                      f"{r['speedup_vs_torch']:.2f}× |")
     json_path, md_path = save_result(args.out, f"kernels-{device_tag(device)}", result, "\n".join(lines) + "\n")
-    print(f"wrote {json_path}, {md_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    result["files"] = [str(json_path), str(md_path)]
+    return result

@@ -1,14 +1,14 @@
 """Loader throughput: images/s of the training pipeline (decode + RandomResizedCrop 224 + flip) per backend.
 
-    python benchmarks/loaders.py            # the committed run: 2,560 JPEGs of ~500x375 (q90), all cores
-    python benchmarks/loaders.py --smoke    # a tiny tree, one timed epoch, results under /tmp (checks the script)
+    guardx bench loaders            # the committed run: 2,560 JPEGs of ~500x375 (q90), all cores
+    guardx bench loaders --smoke    # a tiny tree, one timed epoch, results under /tmp (checks the command)
 
 What a number is. Batches of ``--batch`` exactly as ``guardx.data.build_loader`` hands them to the stages
 (x float32 in [0, 1], (B, 3, 224, 224), contiguous; y int64), moved to the benchmark device, counted over
 whole epochs (the last partial batch included) after one full warm-up epoch (numba JIT, worker start-up,
 page cache). The files are then read from RAM: this measures decoding + augmentation + batching, not the
 disk. Every backend gets the same ``--workers`` (worker processes for folder, decoding threads for FFCV and
-DALI) and runs in a fresh process of its own, one after the other.
+DALI) and runs in a fresh process of its own (``measure.run_isolated``), one after the other.
 
 Backends
     folder     PIL decodes the full-size JPEG, torchvision RandomResizedCrop + flip + ToTensor, in worker
@@ -22,19 +22,20 @@ Backends
                ``decoders.image_random_crop`` decodes only the crop window, then DALI's resize and
                crop_mirror_normalize.
 
-Results: ``<out>/<tag>.json`` (raw per-epoch rates, settings, machine) and ``<out>/<tag>.md``.
+The measurement goes through ``guardx.data.build_loader`` only; the data package's public helpers make
+the inputs (``guardx.data.synthetic.write_jpeg_tree``, ``guardx.data.ffcv.convert_image_folder``, as
+``guardx data convert`` does). Results: ``<out>/<tag>.json`` (raw per-epoch rates, settings, machine) and
+``<out>/<tag>.md``.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from guardx.bench.measure import load_average, run_isolated
+from guardx.errors import GuardxError
+from guardx.utils.io import write_json, write_text
 
 BACKENDS = {
     "folder": dict(backend="folder"),
@@ -50,36 +51,8 @@ WHAT = {
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tree", default="/tmp/guardx-bench/jpeg-500x375", help="JPEG tree (generated once, reused)")
-    p.add_argument("--images", type=int, default=2560, help="images in the tree (>= 2000 for the committed run)")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--size", default="500x375", help="mean WxH of the JPEGs (each side jittered by ±25%%)")
-    p.add_argument("--quality", type=int, default=90)
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {list(BACKENDS)}")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                   help="worker processes / decoding threads, the same for every backend (default: all cores)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs per backend, after one warm-up epoch")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    p.add_argument("--tag", default="loaders", help="result file name (without extension)")
-    p.add_argument("--smoke", action="store_true", help="tiny tree, 1 timed epoch, results to /tmp")
-    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one backend, print its result as JSON
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.tree, args.images, args.classes, args.size = "/tmp/guardx-bench/smoke-160x120", 48, 4, "160x120"
-        args.batch, args.epochs, args.out, args.tag = 16, 1, "/tmp/guardx-bench/results", "loaders-smoke"
-    return args
-
-
-# ------------------------------------------------------------------------------------------- child
-
-
 def run_one(spec: dict) -> dict:
-    """Build the backend's train loader; one warm-up epoch, then ``epochs`` timed epochs."""
+    """Build the backend's train loader; one warm-up epoch, then ``epochs`` timed epochs (own process)."""
     import torch
 
     from guardx.config import load_config
@@ -124,9 +97,6 @@ def run_one(spec: dict) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-# -------------------------------------------------------------------------------------------- main
-
-
 def ensure_tree(args) -> dict:
     from guardx.data.synthetic import write_jpeg_tree
 
@@ -161,41 +131,17 @@ def ensure_beton(args, max_side: int) -> dict:
 
 
 def machine_info(device: str) -> dict:
-    import numpy
-    import PIL
-    import torch
-    import torchvision
-
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu": platform.processor(),
-            "cpu_count": os.cpu_count(), "cores_available": len(os.sched_getaffinity(0)),
-            "load_avg_at_start": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "pillow": PIL.__version__, "numpy": numpy.__version__,
-            "device": device}
-    try:
-        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                           if ln.startswith("model name"))
-        mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-                      if ln.startswith("MemTotal"))
-        info["memory_gib"] = round(mem_kb / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
+    """The common environment record plus the decoding libraries' versions and the load average."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in ("ffcv", "numba", "opencv-python", "nvidia-dali-cuda130"):
+    from guardx.utils.env import environment
+
+    info = environment(device) | {"load_avg_at_start": load_average()}
+    for name in ("torchvision", "pillow", "numpy", "ffcv", "numba", "opencv-python", "nvidia-dali-cuda130"):
         try:
             info[name] = version(name)  # distribution versions (ffcv 1.0.2 calls itself 0.0.3rc1)
         except PackageNotFoundError:
             info[name] = None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent).stdout.strip()
-        info["git"] = rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        pass
     return info
 
 
@@ -208,7 +154,7 @@ def render_markdown(result: dict) -> str:
         f"quality {result['tree']['jpeg_quality']}, {result['tree']['mean_file_kb']} KB per file on average; "
         f"batch {s['batch']}, {s['workers']} workers/threads per backend, device {s['device']}; "
         f"{s['epochs']} timed epochs after one warm-up epoch, files in the page cache. "
-        "Produced by `python benchmarks/loaders.py` (see its docstring for what each number includes).", "",
+        "Produced by `guardx bench loaders` (see guardx/bench/loaders.py for what each number includes).", "",
         "| backend | what it does | images/s (median) | per epoch | vs folder |",
         "|---|---|---:|---|---:|",
     ]
@@ -229,26 +175,25 @@ def render_markdown(result: dict) -> str:
                       f"{s['workers']} processes): " + "; ".join(
                           f"max side {b['max_resolution']}: {b['bytes'] / 2**20:.0f} MiB in {b['convert_s']:.0f} s"
                           for b in result["betons"].values())]
-    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in m.items() if v is not None), ""]
+    keys = ("device_name", "cpu_count", "torch", "torchvision", "pillow", "numpy", "ffcv", "numba", "opencv-python",
+            "nvidia-dali-cuda130", "git_revision", "load_avg_at_start")
+    lines += ["", "Machine: " + ", ".join(f"{k} {m[k]}" for k in keys if m.get(k) is not None), ""]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        print(json.dumps(run_one(json.loads(args.child))))
-        return 0
+def run_loaders(args, progress=print) -> dict:
     import torch
 
-    from guardx.utils.io import write_json, write_text
-
+    if args.smoke:
+        args.tree, args.images, args.classes, args.size = "/tmp/guardx-bench/smoke-160x120", 48, 4, "160x120"
+        args.batch, args.epochs, args.out, args.name = 16, 1, "/tmp/guardx-bench/results", "loaders-smoke"
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
-    if unknown:
-        raise SystemExit(f"unknown backends {unknown}; choose from {list(BACKENDS)}")
-    machine = machine_info(device)  # load average before this script adds its own
-    print(f"tree {args.tree}: {args.images} JPEGs of ~{args.size}", file=sys.stderr)
+    if unknown or not names:
+        raise GuardxError(f"unknown loader backends {unknown or args.backends!r}; choose from {list(BACKENDS)}")
+    machine = machine_info(device)  # load average before this command adds its own
+    progress(f"tree {args.tree}: {args.images} JPEGs of ~{args.size}")
     tree = ensure_tree(args)
     betons = {b: ensure_beton(args, BACKENDS[b]["max_side"]) for b in names if BACKENDS[b]["backend"] == "ffcv"}
     runs = {}
@@ -256,15 +201,14 @@ def main(argv=None) -> int:
         spec = {"backend": BACKENDS[name]["backend"], "tree": args.tree, "beton": betons.get(name, {}).get("path", ""),
                 "workers": args.workers, "batch": args.batch, "resolution": args.resolution, "epochs": args.epochs,
                 "device": device}
-        print(f"{name}: warm-up epoch + {args.epochs} timed epochs ...", file=sys.stderr)
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["?"]
-            runs[name] = {"error": tail[0][:200]}
-            print(f"{name}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
+        progress(f"{name}: warm-up epoch + {args.epochs} timed epochs ...")
+        try:
+            runs[name] = run_isolated("guardx.bench.loaders:run_one", spec)
+        except GuardxError as e:
+            runs[name] = {"error": str(e)[:200]}
+            progress(f"{name}: FAILED: {e}")
             continue
-        runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{name}: {runs[name]['median_images_per_s']:.0f} images/s {runs[name]['images_per_s']}", file=sys.stderr)
+        progress(f"{name}: {runs[name]['median_images_per_s']:.0f} images/s {runs[name]['images_per_s']}")
     result = {"settings": {k: getattr(args, k) for k in ("workers", "batch", "resolution", "epochs", "backends")}
               | {"device": device}, "tree": tree, "betons": betons, "backends": runs, "machine": machine,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
@@ -274,11 +218,9 @@ def main(argv=None) -> int:
         ratio = ok[fastest]["median_images_per_s"] / ok["folder"]["median_images_per_s"]
         result["goal"] = {"fastest": fastest, "ratio": round(ratio, 2), "met": ratio >= 2.0}
     out = Path(args.out)
-    write_json(result, out / f"{args.tag}.json")
-    write_text(render_markdown(result), out / f"{args.tag}.md")
-    print(render_markdown(result))
-    return 0 if len(ok) == len(runs) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    write_json(result, out / f"{args.name}.json")
+    write_text(render_markdown(result), out / f"{args.name}.md")
+    result["files"] = [str(out / f"{args.name}.json"), str(out / f"{args.name}.md")]
+    if len(ok) != len(runs):
+        raise GuardxError(f"loader backend(s) {sorted(set(runs) - set(ok))} failed (results written to {args.out})")
+    return result

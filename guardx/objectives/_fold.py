@@ -1,0 +1,162 @@
+"""BatchNorm folded into the convolution before it, for the passes that run BatchNorm on running statistics.
+
+With running statistics BatchNorm is an affine map per channel, y = γ·(x − μ)/√(σ² + ε) + β, so after a
+convolution it folds into that convolution's weights:
+
+    s = γ / √(σ² + ε)        W' = W · s  (per output channel)        b' = β + (b − μ) · s
+
+and conv → BN → ReLU runs as conv' → ReLU. The regulariser's passes (GUARD's clean and perturbed passes,
+gradnorm, the PGD attack of adversarial training) then skip BatchNorm's forward, its backward and — for
+the double-backprop modes — its double backward, which on CPU is as costly as a convolution's.
+
+Exactness: W' and b' are computed inside autograd from the real parameters (W, γ, β) and the running
+statistics the passes read, so every parameter receives the gradient it receives without folding (the
+chain rule through W·s and β + (b − μ)·s), to rounding. They are computed once per
+:func:`folded_batchnorm` block, on first use, and shared by every pass inside it, so the block's
+parameter gradient must come from one backward (GUARD exact/cure and gradnorm differentiate both passes
+at once; the PGD attack takes input gradients only). An objective that takes a parameter backward per
+pass (GUARD lossdiff) opens one block per pass; a second parameter backward in one block fails loudly
+("backward through the graph a second time"), never silently. The running statistics are read, never
+written.
+
+Which pairs fold is found once per model by tracing it with ``torch.fx``: a BatchNorm module (tracking
+running statistics) whose only input is the output of a convolution module used nowhere else. Any model
+whose BatchNorms follow convolutions gets this automatically; a model fx cannot trace, or one without
+BatchNorm (the DC ConvNet), runs unchanged.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Fold a pair when the convolution's output per channel (batch × output pixels) is at least this many times
+# its weight per output channel; below, BatchNorm's activation passes are cheaper than folding's weight passes.
+FOLD_OUTPUT_OVER_WEIGHT = 1.0
+_PAIRS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, nn.Module]]]" = weakref.WeakKeyDictionary()
+_ENABLED = [True]
+
+
+@contextmanager
+def bn_folding(enabled: bool) -> Iterator[None]:
+    """Switch folding on or off for the running-statistics passes inside (A/B tests and benchmarks)."""
+    previous, _ENABLED[0] = _ENABLED[0], enabled
+    try:
+        yield
+    finally:
+        _ENABLED[0] = previous
+
+
+def folding_enabled() -> bool:
+    return _ENABLED[0]
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(conv, bn) pairs of ``model`` whose BatchNorm can fold into the convolution (cached per model)."""
+    if model not in _PAIRS:
+        _PAIRS[model] = _find_pairs(model)
+    return _PAIRS[model]
+
+
+def _find_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    import torch.fx
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return []
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception:  # noqa: BLE001  (data-dependent control flow and the like: run unfolded)
+        return []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        bn, src = model.get_submodule(node.target), node.args[0]
+        if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
+                and isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
+            continue
+        conv = model.get_submodule(src.target)
+        if (isinstance(conv, _CONVS) and conv.out_channels == bn.num_features
+                and calls[node.target] == 1 and calls[src.target] == 1):
+            pairs.append((conv, bn))
+    return pairs
+
+
+@contextmanager
+def folded_batchnorm(model: nn.Module) -> Iterator[int]:
+    """Inside, every foldable conv → BN of ``model`` whose BN is in eval mode runs as one folded
+    convolution (the BN becomes the identity), where folding is the cheaper of the two (see
+    :class:`_FoldedConv`). Yields the number of pairs taken over. Call it with the model already in
+    running-statistics mode (see ``running_stats_mode``)."""
+    patched = []
+    for conv, bn in conv_bn_pairs(model):
+        if bn.training or bn.running_mean is None or "forward" in vars(conv) or "forward" in vars(bn):
+            continue  # batch statistics, or already patched by an enclosing context
+        conv.forward, bn.forward = _FoldedConv(conv, bn), _identity
+        patched.append((conv, bn))
+    try:
+        yield len(patched)
+    finally:
+        for conv, bn in patched:
+            del conv.forward, bn.forward
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class _FoldedConv:
+    """``conv``'s forward with ``bn`` folded in; W', b' computed on first use in the block (one set with
+    autograd recording, one without, so a no-grad pass never hands a graph-less weight to one that needs it).
+
+    Folding is not free: W' = W·s and its backward (∂W = ∂W'·s, ∂s = Σ ∂W'·W) are passes over the weight,
+    where BatchNorm's are passes over the activations. So a convolution whose output (per channel: batch ×
+    output pixels) is smaller than its weight (per output channel) keeps its BatchNorm — ResNet-18's last
+    stages at low resolution, where the weights are large and the feature maps tiny; same function either way.
+    """
+
+    def __init__(self, conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm):
+        self.conv, self.bn, self.cache, self.fold = conv, bn, {}, None
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = torch.is_grad_enabled()
+        if key not in self.cache:
+            conv, bn = self.conv, self.bn
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = bn.weight * scale
+            weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+            shift = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
+            bias = -shift * scale if bn.bias is None else bn.bias - shift * scale
+            self.cache[key] = (weight, bias)
+        return self.cache[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold is None:  # decided on the block's first pass (one batch size, one resolution)
+            pixels = x.shape[0] * _output_pixels(self.conv, x.shape[2:])
+            self.fold = pixels >= FOLD_OUTPUT_OVER_WEIGHT * self.conv.weight[0].numel()
+        if not self.fold:  # the convolution, then BatchNorm itself (its module's own forward is the identity here)
+            return type(self.bn).forward(self.bn, self.conv._conv_forward(x, self.conv.weight, self.conv.bias))
+        weight, bias = self.weights()
+        return self.conv._conv_forward(x, weight, bias)
+
+
+def _output_pixels(conv: nn.Module, size: torch.Size) -> int:
+    """Output pixels (per sample and channel) of ``conv`` on an input of spatial ``size``."""
+    out = 1
+    for i, n in enumerate(size):
+        if isinstance(conv.padding, str):  # "same" keeps the size, "valid" shrinks it by the kernel's reach
+            pad = 0 if conv.padding == "valid" else None
+        else:
+            pad = conv.padding[i]
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        out *= n if pad is None else (n + 2 * pad - d * (k - 1) - 1) // s + 1
+    return out
