@@ -1,12 +1,13 @@
 # The two commands of the README:
 #   make demo   create .venv, install guardx, run the CPU demo pipeline (digits, ~10 min on 2 cores)
+#   make study  the multi-seed digits study behind the README's headline result (~1 h on 2 cores)
 #   make test   create .venv, install guardx with every extra (+ FFCV's system libraries), run the tests
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: demo test install install-full clean-venv
+.PHONY: demo study test install install-full clean-venv
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ install-full: $(VENV)/.full
 
 demo: $(VENV)/.core
 	$(PY) -m guardx pipeline --config configs/demo.yaml
+
+study: $(VENV)/.full
+	$(PY) -m guardx pipeline --config configs/digits-study.yaml
 
 test: $(VENV)/.full
 	$(PY) -m pytest -q

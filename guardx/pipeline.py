@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 from guardx.attacks.plan import metric_names
-from guardx.config import Config, dump_config
+from guardx.config import Config, dump_config, from_dict
 from guardx.distill import DISTILLERS
 from guardx.distributed import init_distributed
+from guardx.errors import ConfigError
 from guardx.report import summarize, write_pipeline_report
 from guardx.stage_guard import own_folder
 from guardx.stages import stage_module
@@ -93,35 +94,17 @@ def _run(cfg: Config, base: Path, ctx) -> dict:
     if ctx.is_main:
         write_text(dump_config(cfg), base / "config.yaml")
     t0 = time.perf_counter()
-    rows, timings = [], {}
-    sharing = StageSharing(ctx, cfg.pipeline.share_stages)
     seeds = cfg.run.seeds or [None]  # None: the single run.seed, in the method's own folder
-    for seed in seeds:
-        for method in cfg.pipeline.methods:
-            mcfg = method_config(cfg, method, seed)
-            tag = method.name + (f" seed {seed}" if seed is not None else "")
-            shared_teacher = None
-            for stage in method_stages(cfg, method):
-                source = sharing.link(mcfg, stage)
-                if stage == "squeeze" and source is not None:
-                    shared_teacher = source  # evaluated once, by the method that trained it
-                    mcfg.pipeline.eval_teacher = False
-                if ctx.is_main and cfg.run.progress:
-                    print(f"[{tag}] {stage}" + (f" (shared with {source.parent.name})" if source else ""), flush=True)
-                ts = time.perf_counter()
-                result = stage_module(stage).run(mcfg)
-                timings[f"{method.name}/{stage}" + (f"/seed{seed}" if seed is not None else "")] = \
-                    time.perf_counter() - ts
-                if stage == "evaluate":
-                    if shared_teacher is not None and shared_teacher in sharing.teacher_rows:
-                        result = [dict(sharing.teacher_rows[shared_teacher]), *result]
-                    for r in result:
-                        r.update(method=method.name, distiller=method.distiller, seed=mcfg.run.seed,
-                                 run_dir=mcfg.run.out_dir,
-                                 objective={"name": mcfg.objective.name, **mcfg.objective.params()})
-                        if r["model"] == "teacher" and shared_teacher is None:
-                            sharing.teacher_rows[Path(mcfg.run.out_dir) / "squeeze"] = dict(r)
-                    rows += result
+    workers = min(cfg.pipeline.seed_workers, len(seeds))
+    if workers > 1 and ctx.world_size > 1:
+        raise ConfigError(f"pipeline.seed_workers={cfg.pipeline.seed_workers} runs seeds in separate processes of "
+                          f"one machine; under torchrun ({ctx.world_size} ranks) leave it at 1")
+    if workers > 1:
+        per_seed = _run_seeds_in_processes(cfg, seeds, workers)
+    else:
+        per_seed = [_run_seed(cfg, seed, ctx) for seed in seeds]
+    rows = [r for seed_rows, _ in per_seed for r in seed_rows]
+    timings = {k: v for _, seed_timings in per_seed for k, v in seed_timings.items()}
     report = {"rows": rows, "metrics": metric_names(cfg), "seeds": [s for s in seeds if s is not None]
               or [cfg.run.seed], "stage_seconds": timings, "total_seconds": time.perf_counter() - t0,
               "config": cfg.to_dict(), "environment": {**environment(ctx.device), "world_size": ctx.world_size}}
@@ -129,3 +112,65 @@ def _run(cfg: Config, base: Path, ctx) -> dict:
     if ctx.is_main:
         write_pipeline_report(report, cfg, base)
     return report
+
+
+def _run_seed(cfg: Config, seed: int | None, ctx, announce: bool | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Every method of one seed, in order: its stages (shared where another method ran the same one), and its
+    evaluated rows. Stages are shared only within a seed (every stage's result depends on run.seed)."""
+    rows, timings = [], {}
+    announce = cfg.run.progress if announce is None else announce
+    sharing = StageSharing(ctx, cfg.pipeline.share_stages)
+    for method in cfg.pipeline.methods:
+        mcfg = method_config(cfg, method, seed)
+        tag = method.name + (f" seed {seed}" if seed is not None else "")
+        shared_teacher = None
+        for stage in method_stages(cfg, method):
+            source = sharing.link(mcfg, stage)
+            if stage == "squeeze" and source is not None:
+                shared_teacher = source  # evaluated once, by the method that trained it
+                mcfg.pipeline.eval_teacher = False
+            if ctx.is_main and announce:
+                print(f"[{tag}] {stage}" + (f" (shared with {source.parent.name})" if source else ""), flush=True)
+            ts = time.perf_counter()
+            result = stage_module(stage).run(mcfg)
+            timings[f"{method.name}/{stage}" + (f"/seed{seed}" if seed is not None else "")] = \
+                time.perf_counter() - ts
+            if stage == "evaluate":
+                if shared_teacher is not None and shared_teacher in sharing.teacher_rows:
+                    result = [dict(sharing.teacher_rows[shared_teacher]), *result]
+                for r in result:
+                    r.update(method=method.name, distiller=method.distiller, seed=mcfg.run.seed,
+                             run_dir=mcfg.run.out_dir,
+                             objective={"name": mcfg.objective.name, **mcfg.objective.params()})
+                    if r["model"] == "teacher" and shared_teacher is None:
+                        sharing.teacher_rows[Path(mcfg.run.out_dir) / "squeeze"] = dict(r)
+                rows += result
+    return rows, timings
+
+
+def _seed_worker(cfg_dict: dict, seed: int, threads: int) -> tuple[list[dict], dict[str, float]]:
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = from_dict(cfg_dict)
+    announce, cfg.run.progress = cfg.run.progress, False  # several bars at once are unreadable: stage lines only
+    return _run_seed(cfg, seed, init_distributed(cfg), announce)
+
+
+def _run_seeds_in_processes(cfg: Config, seeds: list[int], workers: int) -> list[tuple[list[dict], dict]]:
+    """``pipeline.seed_workers`` processes (spawned: no inherited threads or locks), each running whole seeds
+    with its share of the cores; results come back in seed order. Every stage still locks its own folder and
+    resumes, so an interrupted study continues where each seed stopped."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    print(f"[pipeline] seeds {seeds} in {workers} processes of {threads} thread(s) each", flush=True)
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_seed_worker, cfg.to_dict(), seed, threads) for seed in seeds]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise

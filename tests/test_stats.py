@@ -83,3 +83,28 @@ def test_paper_table_puts_methods_in_columns_and_attacks_in_rows():
                           "| IPC 1 | CW | 23.00 | 24.00 |"]
     assert lines[5] == "| IPC 10 | None (Clean) | 45.00 | – |"  # no GUARD(DC) at ipc 10 here
     assert metric_label("autoattack@4/255", 2) == "AutoAttack @ 4/255" and metric_label("mim20@1/255", 1) == "MIM20"
+
+
+def test_seed_workers_run_seeds_in_processes_with_the_in_process_result(tiny_cfg, tmp_path):
+    import os
+
+    from guardx import pipeline
+    from guardx.models._io import load_model
+
+    cfg = tiny_cfg("run.seeds=[3,4]", "pipeline.eval_teacher=false",
+                   "pipeline.methods=[{name: plain, objective: {name: plain}}]")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # the workers' share: same kernels, same numbers
+    try:
+        seq = pipeline.run(cfg.with_overrides({"run": {"out_dir": str(tmp_path / "seq")}}))
+    finally:
+        torch.set_num_threads(threads)
+    par = pipeline.run(cfg.with_overrides({"pipeline": {"seed_workers": 2}}))
+    assert [(r["seed"], r["accuracy"]) for r in par["rows"]] == [(r["seed"], r["accuracy"]) for r in seq["rows"]]
+    for seed in (3, 4):
+        a, _ = load_model(tmp_path / "seq" / "plain" / f"seed{seed}" / "train" / "student.pt")
+        b, _ = load_model(pipeline.Path(cfg.run.out_dir) / "plain" / f"seed{seed}" / "train" / "student.pt")
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    again = pipeline.run(cfg)  # in one process: every stage is found done, the same report
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in par["rows"]]
+    assert all(v < 5 for v in again["stage_seconds"].values())

@@ -75,8 +75,8 @@ def _square(model, x, y, eps, *, queries: int = 5000, p_init: float = 0.8, resc_
 
 @register_attack("autoattack", source="torchattacks", keys={"square_queries": "square_queries"}, params={
     "version": "standard (APGD-CE, APGD-T, FAB-T, Square) | fast (APGD-CE, APGD-T)",
-    "steps": "autoattack: iterations of APGD-CE, APGD-T and FAB-T (reference: 100)",
-    "targets": "autoattack: target classes of APGD-T and FAB-T (reference: 9)",
+    "steps": "iterations of APGD-CE, APGD-T and FAB-T (reference: 100)",
+    "targets": "target classes of APGD-T and FAB-T (reference: 9)",
     "square_queries": "Square attack queries per sample (also the Square inside autoattack standard)"},
     ranges={"steps": (1, None), "targets": (1, None), "square_queries": (1, None)})
 def _autoattack(model, x, y, eps, *, version: str = "standard", steps: int = 100, targets: int = 9,

@@ -55,9 +55,13 @@ def all_finite(obj) -> bool:
     return True
 
 
+# The step size to lower when a stage's loss or weights stop being finite (the stage's config key).
+LR_KEYS = {"mtt": "mtt.lr_img", "tesla": "mtt.lr_img", "dc": "dc.lr_img", "recover": "recover.lr"}
+
+
 def nonfinite_advice(stage: str) -> str:
     clip = ", or clip gradients with squeeze.grad_clip" if stage == "squeeze" else ""
-    return (f"lower {stage}.lr{clip}, then rerun with run.on_config_change=restart (or =resume to continue from "
+    return (f"lower {LR_KEYS.get(stage, stage + '.lr')}{clip}, then rerun with run.on_config_change=restart (or =resume to continue from "
             "the last good checkpoint with the new settings)")
 
 
