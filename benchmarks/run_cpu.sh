@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The committed CPU results, every file in benchmarks/results/, then the README block.
 #
-#   bash benchmarks/run_cpu.sh                      # everything (~1.5 h on 2 quiet cores)
+#   bash benchmarks/run_cpu.sh                      # everything (~3.5 h on 2 quiet cores)
 #   bash benchmarks/run_cpu.sh table4 report        # only some parts: table4 sweep throughput loaders scaling dc mtt
-#                                                   # demo report
+#                                                   # demo study table5 table2 report
 #   PY=/path/to/python bash benchmarks/run_cpu.sh
 #
 # Run on an idle machine: every result records the load average before and after and warns when it exceeded
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 GX="$PY -m guardx"
-PARTS=${*:-table4 sweep throughput loaders scaling dc mtt demo report}
+PARTS=${*:-table4 sweep throughput loaders scaling dc mtt demo study table5 table2 report}
 uptime
 
 for part in $PARTS; do
@@ -36,14 +36,17 @@ for part in $PARTS; do
     $PY -m guardx.bench.dc --device cpu --threads 1 --width 32 --ipc 10 --outer-loop 2 --batch-real 64 --repeats 3 ;;
   mtt)  # MTT vs TESLA peak memory over the synthetic steps N
     $PY -m guardx.bench.mtt_memory --device cpu ;;
-  demo)  # the demo pipeline (~10 min); its report is the committed demo-cpu.{json,md}
-    rm -rf runs/demo-cpu-bench  # a fresh run: the pipeline would reuse finished stages
-    $GX pipeline --config configs/demo.yaml run.out_dir=runs/demo-cpu-bench
-    cp runs/demo-cpu-bench/report.json benchmarks/results/demo-cpu.json
-    cp runs/demo-cpu-bench/report.md benchmarks/results/demo-cpu.md ;;
+  demo|study|table5|table2)  # a fresh pipeline run, timed, its report recorded as benchmarks/results/<name>.*
+    config=$(case $part in demo) echo demo;; study) echo digits-study;; *) echo $part-digits;; esac)
+    rm -rf runs/$part-cpu-bench  # a fresh run: the pipeline would reuse finished stages
+    start=$(date +%s.%N)
+    $GX pipeline --config configs/$config.yaml run.out_dir=runs/$part-cpu-bench
+    wall=$(python3 -c "import time; print(time.time() - $start)")
+    $PY scripts/record_run.py runs/$part-cpu-bench $config-cpu --wall "$wall" \
+        --command "python -m guardx pipeline --config configs/$config.yaml" ;;
   report)
     $GX bench report ;;
-  *) echo "unknown part '$part' (table4 sweep throughput loaders scaling dc mtt demo report)" >&2; exit 2 ;;
+  *) echo "unknown part '$part' (table4 sweep throughput loaders scaling dc mtt demo study table5 table2 report)" >&2; exit 2 ;;
   esac
 done
 uptime
