@@ -401,9 +401,9 @@ class PipelineConfig:
                           "empty = the first method")
     share_stages: bool = F(True, "a stage another method already ran with the same settings (its fingerprint: e.g. "
                                  "SRe2L's and CDA's squeeze) is linked, not run again; its teacher is evaluated once")
-    seed_workers: int = F(1, "run this many of run.seeds at once, each in its own process with (CPU cores / N) torch "
-                             "threads (single-process runs only): small CPU models use extra cores poorly, "
-                             "separate seeds use them fully", range=(1, None))
+    workers: int = F(1, "processes on this machine, each with (CPU cores / N) torch threads: first the seeds' stages up "
+                        "to train (a seed per process), then every (seed, method) evaluation; single-process runs "
+                        "only. Small CPU models use extra threads poorly, extra processes fully", range=(1, None))
 
     def __post_init__(self):
         self.methods = [m if isinstance(m, MethodConfig) else _build(MethodConfig, m, "pipeline.methods.")

@@ -95,16 +95,15 @@ def _run(cfg: Config, base: Path, ctx) -> dict:
         write_text(dump_config(cfg), base / "config.yaml")
     t0 = time.perf_counter()
     seeds = cfg.run.seeds or [None]  # None: the single run.seed, in the method's own folder
-    workers = min(cfg.pipeline.seed_workers, len(seeds))
-    if workers > 1 and ctx.world_size > 1:
-        raise ConfigError(f"pipeline.seed_workers={cfg.pipeline.seed_workers} runs seeds in separate processes of "
-                          f"one machine; under torchrun ({ctx.world_size} ranks) leave it at 1")
-    if workers > 1:
-        per_seed = _run_seeds_in_processes(cfg, seeds, workers)
-    else:
-        per_seed = [_run_seed(cfg, seed, ctx) for seed in seeds]
+    if cfg.pipeline.workers > 1 and ctx.world_size > 1:
+        raise ConfigError(f"pipeline.workers={cfg.pipeline.workers} runs work in separate processes of one machine; "
+                          f"under torchrun ({ctx.world_size} ranks) leave it at 1")
+    worker_timings = _run_in_processes(cfg, seeds) if cfg.pipeline.workers > 1 else {}
+    # in-process: every stage (all done already when workers ran them) and the rows, from the stages' caches
+    announce = False if worker_timings else None  # the workers announced the stages they ran
+    per_seed = [_run_seed(cfg, seed, ctx, announce) for seed in seeds]
     rows = [r for seed_rows, _ in per_seed for r in seed_rows]
-    timings = {k: v for _, seed_timings in per_seed for k, v in seed_timings.items()}
+    timings = {k: v for _, seed_timings in per_seed for k, v in seed_timings.items()} | worker_timings
     report = {"rows": rows, "metrics": metric_names(cfg), "seeds": [s for s in seeds if s is not None]
               or [cfg.run.seed], "stage_seconds": timings, "total_seconds": time.perf_counter() - t0,
               "config": cfg.to_dict(), "environment": {**environment(ctx.device), "world_size": ctx.world_size}}
@@ -114,9 +113,11 @@ def _run(cfg: Config, base: Path, ctx) -> dict:
     return report
 
 
-def _run_seed(cfg: Config, seed: int | None, ctx, announce: bool | None = None) -> tuple[list[dict], dict[str, float]]:
+def _run_seed(cfg: Config, seed: int | None, ctx, announce: bool | None = None,
+              only=lambda method, stage: True) -> tuple[list[dict], dict[str, float]]:
     """Every method of one seed, in order: its stages (shared where another method ran the same one), and its
-    evaluated rows. Stages are shared only within a seed (every stage's result depends on run.seed)."""
+    evaluated rows. Stages are shared only within a seed (every stage's result depends on run.seed).
+    ``only(method_name, stage)`` selects the stages to run (the others still decide what is shared)."""
     rows, timings = [], {}
     announce = cfg.run.progress if announce is None else announce
     sharing = StageSharing(ctx, cfg.pipeline.share_stages)
@@ -129,6 +130,8 @@ def _run_seed(cfg: Config, seed: int | None, ctx, announce: bool | None = None) 
             if stage == "squeeze" and source is not None:
                 shared_teacher = source  # evaluated once, by the method that trained it
                 mcfg.pipeline.eval_teacher = False
+            if not only(method.name, stage):
+                continue
             if ctx.is_main and announce:
                 print(f"[{tag}] {stage}" + (f" (shared with {source.parent.name})" if source else ""), flush=True)
             ts = time.perf_counter()
@@ -148,29 +151,44 @@ def _run_seed(cfg: Config, seed: int | None, ctx, announce: bool | None = None) 
     return rows, timings
 
 
-def _seed_worker(cfg_dict: dict, seed: int, threads: int) -> tuple[list[dict], dict[str, float]]:
+def _worker(cfg_dict: dict, seed: int | None, threads: int, method: str | None) -> dict[str, float]:
+    """One unit of ``pipeline.workers``: a seed's stages up to train (``method`` None), or one method's evaluate."""
     import torch
 
     torch.set_num_threads(threads)
     cfg = from_dict(cfg_dict)
     announce, cfg.run.progress = cfg.run.progress, False  # several bars at once are unreadable: stage lines only
-    return _run_seed(cfg, seed, init_distributed(cfg), announce)
+    if method is None:
+        def only(m, stage): return stage != "evaluate"
+    else:
+        def only(m, stage): return (m, stage) == (method, "evaluate")
+    return _run_seed(cfg, seed, init_distributed(cfg), announce, only)[1]
 
 
-def _run_seeds_in_processes(cfg: Config, seeds: list[int], workers: int) -> list[tuple[list[dict], dict]]:
-    """``pipeline.seed_workers`` processes (spawned: no inherited threads or locks), each running whole seeds
-    with its share of the cores; results come back in seed order. Every stage still locks its own folder and
-    resumes, so an interrupted study continues where each seed stopped."""
+def _run_in_processes(cfg: Config, seeds: list[int | None]) -> dict[str, float]:
+    """``pipeline.workers`` processes (spawned: no inherited threads or locks), each with its share of the
+    cores: first every seed's stages up to train (a seed per process: its methods share stages), then every
+    (seed, method) evaluation (AutoAttack's and Square's cost is per model, so a study is mostly these). Every
+    stage locks its own folder and resumes, so an interrupted run continues where each unit stopped; the
+    report is then assembled in this process from the stages' results. Returns each stage's seconds."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    print(f"[pipeline] seeds {seeds} in {workers} processes of {threads} thread(s) each", flush=True)
+    workers, cores = cfg.pipeline.workers, os.cpu_count() or 1
+    train_threads, eval_threads = max(1, cores // min(workers, len(seeds))), max(1, cores // workers)
+    print(f"[pipeline] {workers} processes: seeds' training with {train_threads} thread(s) each, then each "
+          f"evaluation with {eval_threads}", flush=True)
+    timings: dict[str, float] = {}
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_seed_worker, cfg.to_dict(), seed, threads) for seed in seeds]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        for units, threads in (([(seed, None) for seed in seeds], train_threads),
+                               ([(seed, m.name) for seed in seeds for m in cfg.pipeline.methods
+                                 if "evaluate" in method_stages(cfg, m)], eval_threads)):
+            futures = [pool.submit(_worker, cfg.to_dict(), seed, threads, method) for seed, method in units]
+            try:
+                for f in futures:
+                    timings.update(f.result())
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    return timings

@@ -185,7 +185,10 @@ def pipeline_markdown(report: dict, cfg) -> str:
     lines += [f"- **{m.name}**: {m.distiller}; {m.objective or {'name': 'plain'}}"
               + (f"; overrides {m.overrides}" if m.overrides else "") for m in cfg.pipeline.methods]
     env = report["environment"]
-    lines += ["", f"Total wall time: {report['total_seconds']:.0f} s ({env['threads']} threads, torch {env['torch']}, "
+    workers = cfg.pipeline.workers
+    threads = f"{workers} processes of {max(1, env.get('cpu_count', 1) // workers)} thread(s)" if workers > 1 \
+        else f"{env['threads']} threads"
+    lines += ["", f"Total wall time: {report['total_seconds']:.0f} s ({threads}, torch {env['torch']}, "
                   f"{env['device_name']})", ""]
     return "\n".join(lines)
 

@@ -85,7 +85,7 @@ def test_paper_table_puts_methods_in_columns_and_attacks_in_rows():
     assert metric_label("autoattack@4/255", 2) == "AutoAttack @ 4/255" and metric_label("mim20@1/255", 1) == "MIM20"
 
 
-def test_seed_workers_run_seeds_in_processes_with_the_in_process_result(tiny_cfg, tmp_path):
+def test_workers_run_seeds_and_evaluations_in_processes_with_the_in_process_result(tiny_cfg, tmp_path):
     import os
 
     from guardx import pipeline
@@ -99,7 +99,7 @@ def test_seed_workers_run_seeds_in_processes_with_the_in_process_result(tiny_cfg
         seq = pipeline.run(cfg.with_overrides({"run": {"out_dir": str(tmp_path / "seq")}}))
     finally:
         torch.set_num_threads(threads)
-    par = pipeline.run(cfg.with_overrides({"pipeline": {"seed_workers": 2}}))
+    par = pipeline.run(cfg.with_overrides({"pipeline": {"workers": 2}}))
     assert [(r["seed"], r["accuracy"]) for r in par["rows"]] == [(r["seed"], r["accuracy"]) for r in seq["rows"]]
     for seed in (3, 4):
         a, _ = load_model(tmp_path / "seq" / "plain" / f"seed{seed}" / "train" / "student.pt")
