@@ -162,8 +162,10 @@ def comparison_table(report: dict) -> str:
 
 
 def settings_line(cfg) -> str:
+    ipcs = sorted({m.overrides.get("recover", {}).get("ipc", cfg.recover.ipc) for m in cfg.pipeline.methods})
+    ipc = f"ipc {ipcs[0]}" if len(ipcs) == 1 else f"ipc {', '.join(map(str, ipcs))} (per method)"
     return (f"data {cfg.data.dataset} @ {cfg.data.resolution}px · teacher "
-            f"{cfg.model.name}(width {cfg.model.width}) {cfg.squeeze.epochs} ep · recover ipc {cfg.recover.ipc}, "
+            f"{cfg.model.name}(width {cfg.model.width}) {cfg.squeeze.epochs} ep · recover {ipc}, "
             f"{cfg.recover.iterations} it · relabel/train {cfg.train.epochs} ep · {describe(cfg)}"
             + (f" on the first {cfg.evaluate.max_samples} test images" if cfg.evaluate.max_samples else ""))
 
