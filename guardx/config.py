@@ -100,7 +100,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = F("imagefolder", "digits (embedded, 32x32 RGB from scikit-learn) | imagefolder",
+    dataset: str = F("imagefolder", "digits (embedded: scikit-learn's 8x8 scans as RGB at data.resolution) | imagefolder",
                      choices=("digits", "imagefolder"))
     backend: str = F("folder", "loader for imagefolder data: folder (torchvision) | ffcv | dali",
                      choices=("folder", "ffcv", "dali"))
