@@ -108,3 +108,26 @@ def test_workers_run_seeds_and_evaluations_in_processes_with_the_in_process_resu
     again = pipeline.run(cfg)  # in one process: every stage is found done, the same report
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in par["rows"]]
     assert all(v < 5 for v in again["stage_seconds"].values())
+
+
+def test_record_run_copies_the_report_and_adds_command_wall_time_and_device(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("record_run", Path(__file__).parents[1] / "scripts" / "record_run.py")
+    record_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record_run)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"rows": [1], "environment": {"git_revision": "abc"}}))
+    (run / "report.md").write_text("# guardx report\n")
+    (run / "report.html").write_text("<html></html>")
+    monkeypatch.setattr(record_run, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(sys, "argv", ["record_run", str(run), "x-cpu", "--wall", "12.5", "--command", "make demo"])
+    record_run.main()
+    data = json.loads((tmp_path / "results" / "x-cpu.json").read_text())
+    assert data["rows"] == [1] and data["wall_seconds_including_startup"] == 12.5 and data["command"] == "make demo"
+    assert "wall time 12 s" in (tmp_path / "results" / "x-cpu.md").read_text()
+    assert (tmp_path / "results" / "x-cpu.html").read_text() == "<html></html>"
