@@ -322,6 +322,8 @@ class _EvaluateBase:
     max_samples: int = F(0, "evaluate the first N test samples only; 0 = the whole split", range="[0, inf)")
     split: str = F("test", "test (digits' test split, an ImageFolder's data.val_dir) | holdout (data.holdout of the "
                            "training split: for tuning, never the test split)", choices=("test", "holdout"))
+    fold_bn: bool = F(True, "attack a copy of the model with each BatchNorm folded into the convolution before it "
+                            "(the same function to rounding; about 30 % less time per attack step on CPU ResNets)")
 
     def validate(self):
         from guardx.attacks import parse_attack

@@ -56,7 +56,8 @@ RESULT_KEYS = {
     # evaluate resumes nothing: each model's result is cached under these settings plus the checkpoint file's
     # identity, and other settings simply evaluate again (guardx/evaluate.py)
     "evaluate": ("run.seed", "evaluate.attacks", "evaluate.eps", "evaluate.attack_params", "evaluate.batch_size",
-                 "evaluate.max_samples", "evaluate.split", "data.dataset", "data.backend", "data.val_dir",
+                 "evaluate.max_samples", "evaluate.fold_bn", "evaluate.split", "data.dataset", "data.backend",
+                 "data.val_dir",
                  "data.ffcv_val", "data.val_crop_ratio", "data.val_labels", "data.val_label_map", "data.holdout"),
     # the distillers beyond SRe2L: what they read of the real data, their objective, their own section
     "dc": ("run.seed", "data.dataset", "data.backend", "data.train_dir", "data.num_classes", "data.resolution",

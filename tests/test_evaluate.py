@@ -201,3 +201,32 @@ def test_an_attack_can_be_run_at_one_radius_only():
         load_config(None, ["evaluate.attacks=[pgd,pgd@1/255]", "evaluate.eps=[1/255]"])
     with pytest.raises(ConfigError, match="did you mean @2/255"):
         load_config(None, ["evaluate.attacks=[pgd@2]"])
+
+
+def test_folded_batchnorm_breaks_the_same_images(tmp_path):
+    """evaluate.fold_bn (default on) attacks a BatchNorm-folded copy: on a trained ResNet with BatchNorm, every
+    attack leaves the very same images unbroken as on the model itself, and the setting is part of the cache key."""
+    torch.manual_seed(0)
+    cfg = load_config(None, DATA)
+    loader = build_loader(cfg.data, "train", batch_size=64, seed=0, augment=False)
+    model = create_model("resnet18_small", num_classes=10, width=8, mean=[0.5] * 3, std=[0.5] * 3)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(2):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path = tmp_path / "bn.pt"
+    save_model(path, model.eval(), {"name": "resnet18_small", "width": 8, "num_classes": 10, "classes": loader.classes,
+                                    "resolution": 16, "mean": [0.5] * 3, "std": [0.5] * 3})
+    rows = {}
+    for fold in ("true", "false"):
+        cfg = make_cfg(tmp_path / fold, path, "evaluate.attacks=[pgd20,square,autoattack]", "evaluate.eps=[4/255]",
+                       "evaluate.max_samples=48", "evaluate.batch_size=48", "evaluate.square_queries=60",
+                       "evaluate.autoattack_steps=10", f"evaluate.fold_bn={fold}")
+        (rows[fold],) = evaluate.run(cfg)
+    on, off = rows["true"], rows["false"]
+    assert on["settings"]["evaluate.fold_bn"] is True and off["settings"]["evaluate.fold_bn"] is False
+    assert off["counts"]["clean"] > off["counts"]["pgd20@4/255"] > 0, off["counts"]  # the attacks did something
+    assert on["per_sample"] == off["per_sample"]

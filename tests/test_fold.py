@@ -176,3 +176,38 @@ def test_models_without_batchnorm_or_untraceable_run_unfolded():
             return self.b(self.c(x)) if x.sum() > 0 else x  # fx cannot trace this
 
     assert conv_bn_pairs(DataDependent()) == []
+
+
+# --------------------------------------------------------------------------- evaluation's constant folding
+
+@pytest.mark.parametrize("name, res", [("resnet18_small", 8), ("resnet18", 32)])
+def test_inference_copy_computes_the_same_function_and_input_gradient(name, res):
+    from guardx.models.fold import folded_for_inference
+
+    m = model(name).train()  # the copy is in eval mode whatever the original's mode
+    before = copy.deepcopy(m.state_dict())
+    folded = folded_for_inference(m)
+    assert m.training and not folded.training
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in folded.modules())
+    assert not any(p.requires_grad for p in folded.parameters())
+    for key, value in m.state_dict().items():  # the original is untouched, running statistics included
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    x, y = batch(res)
+    reference = m.eval()
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss_r = nn.functional.cross_entropy(reference(xr), y)
+    loss_f = nn.functional.cross_entropy(folded(xf), y)
+    assert loss_f.item() == pytest.approx(loss_r.item(), rel=1e-10)
+    (g_r,), (g_f,) = torch.autograd.grad(loss_r, xr), torch.autograd.grad(loss_f, xf)
+    torch.testing.assert_close(g_f, g_r, rtol=1e-9, atol=1e-12)
+
+
+def test_inference_copy_of_a_model_without_batchnorm_is_a_plain_copy():
+    from guardx.models.fold import folded_for_inference
+
+    torch.manual_seed(0)
+    convnet = create_model("convnet", num_classes=5, width=8, depth=2, resolution=8)
+    folded = folded_for_inference(convnet)
+    x = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(folded(x), convnet.eval()(x), rtol=0, atol=0)
+    assert folded is not convnet

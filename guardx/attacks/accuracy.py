@@ -17,6 +17,7 @@ import torch
 
 from guardx.attacks import run_attack
 from guardx.attacks.plan import Job, jobs
+from guardx.models.fold import folded_for_inference
 from guardx.utils.io import read_json, write_json
 from guardx.utils.misc import derive_seed, progress
 
@@ -69,6 +70,8 @@ def evaluate_model(model, loader, cfg, ctx, *, desc: str = "evaluate",
     ``per_sample`` (block mode only, else None) maps each metric to a hex bit string over the evaluated
     samples in split order (bit i: sample i counted correct), for paired statistics between models."""
     model.eval()
+    if cfg.evaluate.fold_bn:  # BatchNorm on running statistics is an affine map: fold it away once
+        model = folded_for_inference(model)
     todo = jobs(cfg)
     names = ["clean"] + [j.metric for j in todo]
     block_mode = getattr(loader, "shard_block", 0) == cfg.evaluate.batch_size

@@ -19,25 +19,24 @@ pass (GUARD lossdiff) opens one block per pass; a second parameter backward in o
 ("backward through the graph a second time"), never silently. The running statistics are read, never
 written.
 
-Which pairs fold is found once per model by tracing it with ``torch.fx``: a BatchNorm module (tracking
-running statistics) whose only input is the output of a convolution module used nowhere else. Any model
-whose BatchNorms follow convolutions gets this automatically; a model fx cannot trace, or one without
-BatchNorm (the DC ConvNet), runs unchanged.
+Which pairs fold is found once per model (:func:`guardx.models.fold.conv_bn_pairs`, a ``torch.fx`` trace):
+any model whose BatchNorms follow convolutions gets this automatically; a model fx cannot trace, or one
+without BatchNorm (the DC ConvNet), runs unchanged. Evaluation folds with constants instead
+(:func:`guardx.models.fold.folded_for_inference`): no parameter gradients are taken there.
 """
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from guardx.models.fold import conv_bn_pairs  # noqa: F401  (re-exported: the pairs are found once, there)
+
 # Fold a pair when the convolution's output per channel (batch × output pixels) is at least this many times
 # its weight per output channel; below, BatchNorm's activation passes are cheaper than folding's weight passes.
 FOLD_OUTPUT_OVER_WEIGHT = 1.0
-_PAIRS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, nn.Module]]]" = weakref.WeakKeyDictionary()
 _ENABLED = [True]
 
 
@@ -53,41 +52,6 @@ def bn_folding(enabled: bool) -> Iterator[None]:
 
 def folding_enabled() -> bool:
     return _ENABLED[0]
-
-
-def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """(conv, bn) pairs of ``model`` whose BatchNorm can fold into the convolution (cached per model)."""
-    if model not in _PAIRS:
-        _PAIRS[model] = _find_pairs(model)
-    return _PAIRS[model]
-
-
-def _find_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    import torch.fx
-
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return []
-    try:
-        graph = torch.fx.Tracer().trace(model)
-    except Exception:  # noqa: BLE001  (data-dependent control flow and the like: run unfolded)
-        return []
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        bn, src = model.get_submodule(node.target), node.args[0]
-        if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
-                and isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
-            continue
-        conv = model.get_submodule(src.target)
-        if (isinstance(conv, _CONVS) and conv.out_channels == bn.num_features
-                and calls[node.target] == 1 and calls[src.target] == 1):
-            pairs.append((conv, bn))
-    return pairs
 
 
 @contextmanager
