@@ -403,9 +403,9 @@ class PipelineConfig:
                           "empty = the first method")
     share_stages: bool = F(True, "a stage another method already ran with the same settings (its fingerprint: e.g. "
                                  "SRe2L's and CDA's squeeze) is linked, not run again; its teacher is evaluated once")
-    workers: int = F(1, "processes on this machine, each with (CPU cores / N) torch threads: first the seeds' stages up "
-                        "to train (a seed per process), then every (seed, method) evaluation; single-process runs "
-                        "only. Small CPU models use extra threads poorly, extra processes fully", range=(1, None))
+    workers: int = F(1, "processes on this machine, each with (CPU cores / N) torch threads: each seed's stages up to "
+                        "train (a seed per process), and each (seed, method) evaluation once its seed is trained; "
+                        "single-process runs only. Small CPU models use extra threads poorly, extra processes fully", range=(1, None))
 
     def __post_init__(self):
         self.methods = [m if isinstance(m, MethodConfig) else _build(MethodConfig, m, "pipeline.methods.")

@@ -167,28 +167,34 @@ def _worker(cfg_dict: dict, seed: int | None, threads: int, method: str | None) 
 
 def _run_in_processes(cfg: Config, seeds: list[int | None]) -> dict[str, float]:
     """``pipeline.workers`` processes (spawned: no inherited threads or locks), each with its share of the
-    cores: first every seed's stages up to train (a seed per process: its methods share stages), then every
-    (seed, method) evaluation (AutoAttack's and Square's cost is per model, so a study is mostly these). Every
-    stage locks its own folder and resumes, so an interrupted run continues where each unit stopped; the
-    report is then assembled in this process from the stages' results. Returns each stage's seconds."""
+    cores: every seed's stages up to train (a seed per process: its methods share stages), and each (seed,
+    method) evaluation as soon as its seed is trained (AutoAttack's and Square's cost is per model, so a study
+    is mostly these, and they fill a process a last seed's training would leave idle). Every stage locks its
+    own folder and resumes, so an interrupted run continues where each unit stopped; the report is then
+    assembled in this process from the stages' results. Returns each stage's seconds."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     workers, cores = cfg.pipeline.workers, os.cpu_count() or 1
     train_threads, eval_threads = max(1, cores // min(workers, len(seeds))), max(1, cores // workers)
-    print(f"[pipeline] {workers} processes: seeds' training with {train_threads} thread(s) each, then each "
-          f"evaluation with {eval_threads}", flush=True)
+    print(f"[pipeline] {workers} processes: seeds' training with {train_threads} thread(s) each, each "
+          f"evaluation (once its seed is trained) with {eval_threads}", flush=True)
+    evaluated = [m.name for m in cfg.pipeline.methods if "evaluate" in method_stages(cfg, m)]
     timings: dict[str, float] = {}
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        for units, threads in (([(seed, None) for seed in seeds], train_threads),
-                               ([(seed, m.name) for seed in seeds for m in cfg.pipeline.methods
-                                 if "evaluate" in method_stages(cfg, m)], eval_threads)):
-            futures = [pool.submit(_worker, cfg.to_dict(), seed, threads, method) for seed, method in units]
-            try:
-                for f in futures:
+        # the queue is first in, first out: every seed's training is queued before any evaluation
+        training = {pool.submit(_worker, cfg.to_dict(), seed, train_threads, None): seed for seed in seeds}
+        pending = set(training)
+        try:
+            while pending:
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for f in done:
                     timings.update(f.result())
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+                    if f in training:  # this seed's students exist: its evaluations can start
+                        pending |= {pool.submit(_worker, cfg.to_dict(), training[f], eval_threads, name)
+                                    for name in evaluated}
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
     return timings
