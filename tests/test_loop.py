@@ -43,6 +43,18 @@ def test_checkpointer_keeps_exactly_the_newest_n_across_restarts(tmp_path):
     assert not list(folder.glob(".*"))  # no temporary files left behind
 
 
+def test_saving_an_earlier_step_drops_the_later_ones_and_keeps_itself(tmp_path):
+    folder = tmp_path / "ckpt"
+    ck = Checkpointer(folder, keep=2)
+    for step in (5, 10, 15):
+        ck.save({"step": step}, step)
+    assert steps_on_disk(folder) == [10, 15]
+    ck.save({"step": 12}, 12)  # a run that went back to step 10 and goes on: 15 is not its future
+    assert steps_on_disk(folder) == [10, 12] and Checkpointer(folder).load() == {"step": 12}
+    Checkpointer(folder, keep=1).save({"step": 11}, 11)
+    assert steps_on_disk(folder) == [11]
+
+
 def test_only_rank_zero_writes_and_deletes_but_every_rank_waits(tmp_path):
     folder = tmp_path / "ckpt"
     Checkpointer(folder, keep=1).save({"step": 1}, 1)

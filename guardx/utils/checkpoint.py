@@ -167,7 +167,10 @@ class Checkpointer:
             state = {**state, "fingerprint": self.guard.stamp()}
         if self.ctx is None or self.ctx.is_main:
             save_torch(state, path)
-            for _, old in self._all()[:-self.keep]:
+            # a checkpoint of a later step belongs to a run this one does not continue (it resumed from before
+            # it): it goes, so the step just written is the newest and rotation never removes it
+            found = self._all()
+            for _, old in [f for f in found if f[0] > step] + [f for f in found if f[0] <= step][:-self.keep]:
                 old.unlink(missing_ok=True)
         if self.ctx is not None:
             self.ctx.barrier()
