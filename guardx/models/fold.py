@@ -1,7 +1,7 @@
 """Which BatchNorms fold into the convolution before them, and a folded inference copy of a model.
 
 With running statistics BatchNorm is an affine map per channel, so after a convolution it folds into that
-convolution's weights (s = γ/√(σ² + ε), W' = W·s, b' = β + (b − μ)·s). Two users:
+convolution's weights (:func:`folded_weights`). Two users:
 
 * the regulariser's running-statistics passes (:mod:`guardx.objectives._fold`) fold *inside autograd*, so
   every parameter still gets its gradient;
@@ -58,6 +58,18 @@ def _find_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     return pairs
 
 
+def folded_weights(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W', b')`` of ``conv`` followed by ``bn`` on its running statistics, computed from the real
+    parameters (differentiable when grad mode is on): W' = W·s, b' = β − (μ − b)·s, s = γ/√(σ² + ε)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+    shift = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
+    bias = -shift * scale if bn.bias is None else bn.bias - shift * scale
+    return weight, bias
+
+
 @torch.no_grad()
 def folded_for_inference(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` whose foldable BatchNorms are folded into their convolutions (the
@@ -67,12 +79,8 @@ def folded_for_inference(model: nn.Module) -> nn.Module:
     folded = copy.deepcopy(model).eval()
     names = {m: name for name, m in folded.named_modules()}
     for conv, bn in conv_bn_pairs(folded):
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = bn.weight * scale
-        bias = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
-        bias = bias * scale + (bn.bias if bn.bias is not None else 0)
-        conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+        weight, bias = folded_weights(conv, bn)
+        conv.weight.copy_(weight)
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
         folded.set_submodule(names[bn], nn.Identity())
     _PAIRS.pop(folded, None)  # its BatchNorms are gone: never fold it again

@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from guardx.models.fold import conv_bn_pairs  # noqa: F401  (re-exported: the pairs are found once, there)
+from guardx.models.fold import conv_bn_pairs, folded_weights  # noqa: F401  (conv_bn_pairs re-exported)
 
 # Fold a pair when the convolution's output per channel (batch × output pixels) is at least this many times
 # its weight per output channel; below, BatchNorm's activation passes are cheaper than folding's weight passes.
@@ -93,14 +93,7 @@ class _FoldedConv:
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = torch.is_grad_enabled()
         if key not in self.cache:
-            conv, bn = self.conv, self.bn
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = bn.weight * scale
-            weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
-            shift = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
-            bias = -shift * scale if bn.bias is None else bn.bias - shift * scale
-            self.cache[key] = (weight, bias)
+            self.cache[key] = folded_weights(self.conv, self.bn)
         return self.cache[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
