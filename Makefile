@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   create .venv, install guardx, run the CPU demo pipeline (digits, ~3.5 min on 2 cores)
+#   make demo   create .venv, install guardx, run the CPU demo pipeline (digits, ~3 min on 2 cores)
 #   make study  the multi-seed digits study behind the README's headline result (~45 min on 2 cores)
 #   make test   create .venv, install guardx with every extra (+ FFCV's system libraries), run the tests
 PYTHON ?= python3

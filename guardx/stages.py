@@ -57,8 +57,8 @@ RESULT_KEYS = {
     # identity, and other settings simply evaluate again (guardx/evaluate.py)
     "evaluate": ("run.seed", "evaluate.attacks", "evaluate.eps", "evaluate.attack_params", "evaluate.batch_size",
                  "evaluate.max_samples", "evaluate.fold_bn", "evaluate.split", "data.dataset", "data.backend",
-                 "data.val_dir",
-                 "data.ffcv_val", "data.val_crop_ratio", "data.val_labels", "data.val_label_map", "data.holdout"),
+                 "data.val_dir", "data.ffcv_val", "data.val_crop_ratio", "data.val_labels", "data.val_label_map",
+                 "data.holdout"),
     # the distillers beyond SRe2L: what they read of the real data, their objective, their own section
     "dc": ("run.seed", "data.dataset", "data.backend", "data.train_dir", "data.num_classes", "data.resolution",
            "data.mean", "data.std", "data.holdout", "objective", "dc.*", "-dc.ckpt_every", "-dc.batched"),
