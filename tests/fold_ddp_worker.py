@@ -1,4 +1,5 @@
-"""One GUARD step under 2-rank DDP (gloo, fp64), BatchNorm folded and not, through guardx's DDPEngine.
+"""One GUARD step under 2-rank DDP (gloo, fp64), through guardx's DDPEngine: BatchNorm folded with the
+written-out convolution double backward (guardx's default), and neither (autograd's own passes).
 
     torchrun --standalone --nproc-per-node 2 tests/fold_ddp_worker.py out.pt
 
@@ -48,7 +49,7 @@ def main(out: str) -> int:
     from guardx.distributed.context import DistContext
     from guardx.distributed.ddp import DDPEngine
     from guardx.objectives import ObjectiveStep, _fold
-    from guardx.objectives._fold import bn_folding
+    from guardx.objectives._fold import bn_folding, written_out_double_backward
 
     _fold.FOLD_OUTPUT_OVER_WEIGHT = 0.0  # fold every pair (the tiny model's deep weights outweigh its feature maps)
     dist.init_process_group("gloo")
@@ -61,7 +62,7 @@ def main(out: str) -> int:
             m = model()
             engine = DDPEngine(ObjectiveStep(m, objective(mode)), torch.optim.SGD(m.parameters(), lr=0.1),
                                ctx=DistContext(rank=rank, world_size=world, backend="ddp"))
-            with bn_folding(fold):
+            with bn_folding(fold), written_out_double_backward(fold):  # False: autograd's own passes
                 loss, stats = engine(x, y)
                 engine.backward(loss)
             results[f"{mode}-{fold}"] = {"grads": {n: p.grad.clone() for n, p in m.named_parameters()},

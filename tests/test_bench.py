@@ -57,6 +57,8 @@ def test_overhead_writes_every_field(tmp_path, capsys):
     assert x["adv"] == pytest.approx(1 + 2 * 2 / 3, rel=0.03) and x["ref_adv_official"] == pytest.approx(3, rel=0.03)
     assert 4.5 < x["guard_exact"] == x["guard_cure"] < x["ref_exact_naive"] < 6.5
     assert x["guard_exact_nofold"] == x["guard_exact"] and x["guard_lossdiff_nofold"] == x["guard_lossdiff"]
+    # autograd's own convolution double backward counts a little more (its transposed weight-gradient convolutions)
+    assert x["guard_exact"] <= x["guard_exact_autograd"] < 1.05 * x["guard_exact"]
     md = (tmp_path / "overhead-t4.md").read_text()
     assert "| Method | s/iter median [min–max] |" in md and "Adv training, PGD-2" in md and "Load average" in md
     assert {t["target"] for t in data["targets"]} == {t[0] for t in TARGETS if "PGD-10" not in t[0]}

@@ -420,8 +420,8 @@ def test_folded_guard_under_ddp_matches_one_process(tmp_path):
     """GUARD exact and lossdiff with BatchNorm folded (guardx/objectives/_fold.py) inside the DDP-wrapped
     ObjectiveStep, 2 ranks of half a batch each: every parameter's averaged gradient equals one process
     computing each half with its own BatchNorm batch statistics (what each rank's CE forward sees) and
-    averaging, folded or not; rank 0's running statistics are its half's single update (to rounding: the
-    ranks run one thread, this process two)."""
+    averaging, folded or not (unfolded also with autograd's own convolution double backward); rank 0's running
+    statistics are its half's single update (to rounding: the ranks run one thread, this process two)."""
     from fold_ddp_worker import MODES, global_batch, model, objective
 
     out = tmp_path / "ddp.pt"

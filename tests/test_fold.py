@@ -12,7 +12,7 @@ from guardx.models import Normalized, create_model
 from guardx.objectives import build_objective
 from guardx.objectives._common import running_stats_mode
 from guardx.objectives import _fold
-from guardx.objectives._fold import bn_folding, conv_bn_pairs
+from guardx.objectives._fold import bn_folding, conv_bn_pairs, written_out_double_backward
 from guardx.objectives.guard import input_gradient
 
 OBJECTIVES = {"exact": ("guard", {"mode": "exact"}), "cure": ("guard", {"mode": "cure"}),
@@ -47,7 +47,9 @@ def fold_every_pair(monkeypatch, request):
 
 
 def run(objective, m, x, y, fold: bool):
-    with bn_folding(fold):
+    """``fold``: guardx's running-statistics passes (BatchNorm folded, convolutions' double backward written out,
+    guardx/objectives/_conv.py); otherwise autograd's own, BatchNorm run as BatchNorm — the reference."""
+    with bn_folding(fold), written_out_double_backward(fold):
         loss, stats = build_objective(objective[0], **objective[1])(m, x, y)
         grads = torch.autograd.grad(loss, list(m.parameters()))
     return loss, stats, dict(zip([n for n, _ in m.named_parameters()], grads))

@@ -21,7 +21,8 @@ Both GUARD baselines follow guardx's conventions (normalised-space perturbation,
 BatchNorm in the regulariser's passes) but run BatchNorm as BatchNorm (no folding, see
 guardx/objectives/_fold.py), so on a model in eval mode or without BatchNorm their loss and gradient
 equal guardx's (``tests/test_bench.py`` checks this): the benchmark compares cost, not different maths.
-:class:`Unfolded` runs any guardx objective with BatchNorm folding switched off (the A/B rows).
+:class:`Unfolded` runs any guardx objective with BatchNorm folding switched off, :class:`AutogradDoubleBackward`
+with autograd's own convolution double backward instead of guardx/objectives/_conv.py's (the A/B rows).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from guardx.models.wrapper import split_normalizer
 from guardx.objectives._common import per_sample_ce, running_stats_mode, stats_dict, trainable, unit_direction
-from guardx.objectives._fold import bn_folding
+from guardx.objectives._fold import bn_folding, written_out_double_backward
 from guardx.objectives.guard import input_gradient
 
 
@@ -107,17 +108,31 @@ class OfficialAdv:
 class Unfolded:
     """A/B: ``objective`` with BatchNorm run as BatchNorm in its running-statistics passes."""
 
+    note = "BatchNorm not folded"
+
     def __init__(self, objective):
         self.objective = objective
 
     def __repr__(self) -> str:
-        return f"{self.objective!r}  # BatchNorm not folded"
+        return f"{self.objective!r}  # {self.note}"
 
     def __getattr__(self, name):  # mode, low_memory, ...: what the engines read off an objective
         if name == "objective":
             raise AttributeError(name)
         return getattr(self.objective, name)
 
+    def switched_off(self):
+        return bn_folding(False)
+
     def __call__(self, model, x, y):
-        with bn_folding(False):
+        with self.switched_off():
             return self.objective(model, x, y)
+
+
+class AutogradDoubleBackward(Unfolded):
+    """A/B: ``objective`` with autograd's own convolution double backward (guardx/objectives/_conv.py off)."""
+
+    note = "autograd's convolution double backward"
+
+    def switched_off(self):
+        return written_out_double_backward(False)

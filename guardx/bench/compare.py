@@ -43,7 +43,7 @@ def method_label(name: str, spec: dict) -> str:
 
 def build_method(name: str, spec: dict):
     """The objective callable timed for ``name``."""
-    from guardx.bench.baselines import NaiveExact, OfficialAdv, OfficialLossDiff, Unfolded
+    from guardx.bench.baselines import AutogradDoubleBackward, NaiveExact, OfficialAdv, OfficialLossDiff, Unfolded
     from guardx.objectives import build_objective
 
     pgd = dict(steps=spec["pgd_steps"], eps=spec["pgd_eps"], alpha=spec["pgd_alpha"])
@@ -53,6 +53,8 @@ def build_method(name: str, spec: dict):
         return build_objective("guard", mode=name.split("_", 1)[1])
     if name.endswith("_nofold"):
         return Unfolded(build_method(name[: -len("_nofold")], spec))
+    if name.endswith("_autograd"):
+        return AutogradDoubleBackward(build_method(name[: -len("_autograd")], spec))
     if name == "adv":
         return build_objective("adv", **pgd)
     if name == "gradnorm":

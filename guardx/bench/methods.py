@@ -12,6 +12,7 @@ METHODS = {
     "adv": "Adv training, PGD-{k} (guardx: eval-BN, input-only attack)",
     "guard_lossdiff_nofold": "A/B: GUARD lossdiff, BatchNorm not folded",
     "guard_exact_nofold": "A/B: GUARD exact, BatchNorm not folded",
+    "guard_exact_autograd": "A/B: GUARD exact, autograd's convolution double backward",
     "ref_adv_official": "baseline: Adv training, PGD-{k} as the official code (train-mode attack, full backward)",
     "ref_lossdiff_4fwd": "baseline: lossdiff as the official code (4 forwards)",
     "ref_exact_naive": "baseline: exact by naive double backprop",
@@ -21,13 +22,13 @@ METHODS = {
 def method_kind(name: str) -> str:
     if name.startswith("ref_"):
         return "baseline"
-    return "ablation" if name.endswith("_nofold") else "guardx"
+    return "ablation" if name.endswith(("_nofold", "_autograd")) else "guardx"
 
 
 # each guardx method against the implementation it replaces (same run): "<ours> takes x× the time of <ref>"
 COMPARE = [("guard_lossdiff", "ref_lossdiff_4fwd"), ("guard_exact", "ref_exact_naive"),
            ("adv", "ref_adv_official"), ("guard_lossdiff", "guard_lossdiff_nofold"),
-           ("guard_exact", "guard_exact_nofold")]
+           ("guard_exact", "guard_exact_nofold"), ("guard_exact", "guard_exact_autograd")]
 
 # Paper, Table 4: one A100 80GB PCIe, batch 32, 5 runs; Adv Training as in Section 3.2.
 PAPER_TABLE4 = {"device": "NVIDIA A100 80GB PCIe", "batch_size": 32,

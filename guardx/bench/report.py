@@ -62,17 +62,27 @@ def _overhead_block(run: dict) -> list[str]:
           and m is not methods.get("plain")]
     if ok:
         lo, hi = min(m["time_per_flop_ratio"] for m in ok), max(m["time_per_flop_ratio"] for m in ok)
-        saved = [f"{100 * (1 - methods[n]['stats']['median'] / methods[n + '_nofold']['stats']['median']):.0f} % "
-                 f"of a {methods[n]['label'].split(' (')[0]} step" for n in ("guard_lossdiff", "guard_exact")
-                 if n in methods and n + "_nofold" in methods and "stats" in methods[n]
-                 and "stats" in methods[n + "_nofold"]]
+        ab = []
+        folding = _ab_savings(methods, "_nofold", ("guard_lossdiff", "guard_exact"))
+        if folding:
+            ab.append(f"folding BatchNorm saves {' and '.join(folding)}")
+        written_out = _ab_savings(methods, "_autograd", ("guard_exact",))
+        if written_out:
+            ab.append("the written-out convolution double backward (`guardx/objectives/_conv.py`) saves "
+                      + " and ".join(written_out))
         lines += ["", f"Time against FLOPs: the methods and baselines run at {lo:.2f}–{hi:.2f}× their FLOP ratios "
-                      "here" + (f"; folding BatchNorm saves {' and '.join(saved)} (the A/B rows)" if saved else "")
-                  + "."]
+                      "here" + (f"; {'; '.join(ab)} (the A/B rows)" if ab else "") + "."]
     comp = comparison_lines(run)
     if comp:
         lines += ["", "Each guardx method against the implementation it replaces (same run, medians):", "", *comp]
     return lines + [""]
+
+
+def _ab_savings(methods: dict, suffix: str, names) -> list[str]:
+    """"N % of a <method> step" for each method timed beside its A/B row ``<name><suffix>`` (medians)."""
+    return [f"{100 * (1 - methods[n]['stats']['median'] / methods[n + suffix]['stats']['median']):.0f} % "
+            f"of a {methods[n]['label'].split(' (')[0]} step" for n in names
+            if n in methods and n + suffix in methods and "stats" in methods[n] and "stats" in methods[n + suffix]]
 
 
 def _cost_model(run: dict) -> str:

@@ -81,7 +81,7 @@ class GradNorm:
     def __call__(self, model, x, y):
         to_input, net = split_normalizer(model, self.space)
         xin = to_input(x).detach()
-        with running_stats_mode(net):
+        with running_stats_mode(net, double_backprop=True):
             losses, g = input_gradient(net, xin, y, create_graph=True)
             reg = self.lam_g * g.flatten(1).pow(2).sum(1).mean()
         loss, ce = finish_double_backprop(net, xin, y, trainable(model), shared=mode_independent(model),

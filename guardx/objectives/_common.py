@@ -1,7 +1,7 @@
 """Pieces every objective shares: BatchNorm handling, per-sample directions, gradient injection."""
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -15,7 +15,7 @@ _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutN
 
 
 @contextmanager
-def running_stats_mode(model: nn.Module, fold: bool | None = None) -> Iterator[None]:
+def running_stats_mode(model: nn.Module, fold: bool | None = None, double_backprop: bool = False) -> Iterator[None]:
     """Eval mode for the regulariser's passes: BatchNorm uses (and does not update) running statistics.
 
     The official code's choice (``net.eval()`` inside the regulariser). Restores each module's flag.
@@ -26,6 +26,10 @@ def running_stats_mode(model: nn.Module, fold: bool | None = None) -> Iterator[N
     ``fold`` (default: on, see :func:`guardx.objectives._fold.bn_folding`): each BatchNorm that follows a
     convolution is folded into it for the passes inside (``_fold.py``): the same function and the same
     gradients, without BatchNorm's forward, backward and double backward.
+
+    ``double_backprop``: the block's convolutions get a written-out double backward (``_conv.py``); the
+    caller keeps its contract: input gradients only in a ``create_graph`` backward, parameter gradients
+    only in a plain one.
     """
     from guardx.objectives._fold import folded_batchnorm, folding_enabled
 
@@ -37,7 +41,7 @@ def running_stats_mode(model: nn.Module, fold: bool | None = None) -> Iterator[N
             m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
     model.eval()
     try:
-        with folded_batchnorm(model) if (folding_enabled() if fold is None else fold) else nullcontext():
+        with folded_batchnorm(model, fold=folding_enabled() if fold is None else fold, double_backprop=double_backprop):
             yield
     finally:
         for m, was_training in flags:
@@ -68,9 +72,21 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def param_grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """∂loss/∂params without touching ``.grad`` (so no DDP/ZeRO reduce hook fires); frees the graph."""
+    """∂loss/∂params without touching ``.grad`` (so no DDP/ZeRO reduce hook fires); frees the graph.
+
+    Each gradient comes back in its parameter's memory layout. A convolution's double backward returns
+    its weight gradient transposed (input-channel-major strides); left so, every later sum with an
+    ordinary gradient (the cross-entropy term's, in the engine's backward) runs a strided kernel ~20×
+    slower than a dense one on CPU, and ``.grad`` accumulation copies it once more. One dense copy here
+    costs less than either.
+    """
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return [torch.zeros_like(p) if g is None else in_layout_of(p, g) for p, g in zip(params, grads)]
+
+
+def in_layout_of(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g`` with ``p``'s strides (a copy only when they differ)."""
+    return g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
 
 
 def inject(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -94,7 +110,8 @@ class _Inject(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, scale):
         grads, ctx.grads = ctx.grads, None  # handed over once; not kept alive with the graph
-        return (None, *torch._foreach_mul(grads, scale))
+        torch._foreach_mul_(grads, scale)  # in place: they are ours, and a fresh copy costs page faults on CPU
+        return (None, *grads)
 
 
 def stats_dict(**values: torch.Tensor | float) -> dict[str, float]:

@@ -26,6 +26,7 @@ without BatchNorm (the DC ConvNet), runs unchanged. Evaluation folds with consta
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -33,11 +34,14 @@ import torch
 import torch.nn as nn
 
 from guardx.models.fold import conv_bn_pairs, folded_weights  # noqa: F401  (conv_bn_pairs re-exported)
+from guardx.objectives._conv import conv2d as written_out_conv
+from guardx.objectives._conv import supported as conv_supported
 
 # Fold a pair when the convolution's output per channel (batch × output pixels) is at least this many times
 # its weight per output channel; below, BatchNorm's activation passes are cheaper than folding's weight passes.
 FOLD_OUTPUT_OVER_WEIGHT = 1.0
 _ENABLED = [True]
+_DOUBLE_BACKWARD = [True]
 
 
 @contextmanager
@@ -55,22 +59,43 @@ def folding_enabled() -> bool:
 
 
 @contextmanager
-def folded_batchnorm(model: nn.Module) -> Iterator[int]:
+def written_out_double_backward(enabled: bool) -> Iterator[None]:
+    """Switch :mod:`guardx.objectives._conv`'s convolution on or off for the double-backprop passes inside
+    (A/B tests and benchmarks; off = autograd's own double backward)."""
+    previous, _DOUBLE_BACKWARD[0] = _DOUBLE_BACKWARD[0], enabled
+    try:
+        yield
+    finally:
+        _DOUBLE_BACKWARD[0] = previous
+
+
+@contextmanager
+def folded_batchnorm(model: nn.Module, *, fold: bool = True, double_backprop: bool = False) -> Iterator[int]:
     """Inside, every foldable conv → BN of ``model`` whose BN is in eval mode runs as one folded
     convolution (the BN becomes the identity), where folding is the cheaper of the two (see
     :class:`_FoldedConv`). Yields the number of pairs taken over. Call it with the model already in
-    running-statistics mode (see ``running_stats_mode``)."""
+    running-statistics mode (see ``running_stats_mode``).
+
+    ``double_backprop``: every plain convolution inside (folded or not) runs with its double backward written
+    out (:mod:`guardx.objectives._conv`, whose contract the double-backprop objectives keep)."""
     patched = []
-    for conv, bn in conv_bn_pairs(model):
+    pairs = conv_bn_pairs(model) if fold else []
+    for conv, bn in pairs:
         if bn.training or bn.running_mean is None or "forward" in vars(conv) or "forward" in vars(bn):
             continue  # batch statistics, or already patched by an enclosing context
-        conv.forward, bn.forward = _FoldedConv(conv, bn), _identity
-        patched.append((conv, bn))
+        conv.forward, bn.forward = _FoldedConv(conv, bn, double_backprop), _identity
+        patched.append(conv)
+        patched.append(bn)
+    if double_backprop and _DOUBLE_BACKWARD[0]:
+        for conv in model.modules():
+            if conv_supported(conv) and "forward" not in vars(conv):
+                conv.forward = _WrittenOutConv(conv)
+                patched.append(conv)
     try:
         yield len(patched)
     finally:
-        for conv, bn in patched:
-            del conv.forward, bn.forward
+        for module in patched:
+            del module.forward
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +112,10 @@ class _FoldedConv:
     stages at low resolution, where the weights are large and the feature maps tiny; same function either way.
     """
 
-    def __init__(self, conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm):
+    def __init__(self, conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm, double_backprop: bool = False):
         self.conv, self.bn, self.cache, self.fold = conv, bn, {}, None
+        written_out = double_backprop and _DOUBLE_BACKWARD[0]
+        self.conv_forward = functools.partial(written_out_conv, conv) if written_out else conv._conv_forward
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = torch.is_grad_enabled()
@@ -101,9 +128,19 @@ class _FoldedConv:
             pixels = x.shape[0] * _output_pixels(self.conv, x.shape[2:])
             self.fold = pixels >= FOLD_OUTPUT_OVER_WEIGHT * self.conv.weight[0].numel()
         if not self.fold:  # the convolution, then BatchNorm itself (its module's own forward is the identity here)
-            return type(self.bn).forward(self.bn, self.conv._conv_forward(x, self.conv.weight, self.conv.bias))
+            return type(self.bn).forward(self.bn, self.conv_forward(x, self.conv.weight, self.conv.bias))
         weight, bias = self.weights()
-        return self.conv._conv_forward(x, weight, bias)
+        return self.conv_forward(x, weight, bias)
+
+
+class _WrittenOutConv:
+    """A convolution with no BatchNorm to fold, in a double-backprop pass: its own weights, ``_conv.py``'s autograd."""
+
+    def __init__(self, conv: nn.Module):
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return written_out_conv(self.conv, x, self.conv.weight, self.conv.bias)
 
 
 def _output_pixels(conv: nn.Module, size: torch.Size) -> int:

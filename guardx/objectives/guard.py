@@ -101,7 +101,7 @@ class Guard:
         params = trainable(model)
         if self.mode == "lossdiff":
             return self._lossdiff(net, xin, y, params, shared)
-        with running_stats_mode(net):
+        with running_stats_mode(net, double_backprop=True):
             l0, g0 = input_gradient(net, xin, y, create_graph=True)
             # x + h·z with z = g0/‖g0‖ from the same pass as ∇ℓ(x) (no separate direction-finding pass),
             # in one fused kernel on GPU
