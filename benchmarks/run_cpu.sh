@@ -18,7 +18,8 @@ uptime
 for part in $PARTS; do
   case $part in
   table4)  # Table 4 at 64 px (224 px would take hours on 2 cores): ResNet-18, batch 32, every method round-robin
-    $GX bench overhead --device cpu --model resnet18 --batch-size 32 --resolution 64 --rounds 12 --warmup 2 ;;
+    # 30 rounds: a shared VM's speed drifts by ±20 % within minutes; many rounds steady the medians
+    $GX bench overhead --device cpu --model resnet18 --batch-size 32 --resolution 64 --rounds 30 --warmup 2 ;;
   sweep)  # cost growth, CPU-sized grid, the main methods
     $GX bench sweep --device cpu --model resnet18 --batch-sizes 8,16,32 --resolutions 32,64 --rounds 5 --warmup 1 \
         --methods plain,guard_lossdiff,guard_exact,gradnorm,adv,ref_adv_official ;;

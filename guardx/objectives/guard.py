@@ -23,6 +23,9 @@ Work shared between passes (why a step costs what it costs; FLOPs in units of on
   statistics), so those passes run conv → ReLU — no BatchNorm forward, backward or double backward —
   with the same gradients. This is why a GUARD step can cost less than its FLOP ratio to a plain step,
   whose cross-entropy pass keeps train-mode BatchNorm;
+* exact/cure differentiate every convolution's input gradient; that double backward is written out
+  (``_conv.py``): the forward convolution and the ordinary weight-gradient kernel instead of autograd's
+  convolutions over transposed activations, so no activation copies and dense weight gradients;
 * the per-step row ops, x + h·g/‖g‖ and Σ(gz − g0)², are fused Triton kernels on CUDA tensors
   (``kernels/``; PyTorch references elsewhere): about a third of the memory traffic, and the exact
   regulariser's autograd no longer keeps a copy of gz − g0 alive.
