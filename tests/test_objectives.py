@@ -352,3 +352,23 @@ def test_zero3_refusal_reads_the_declared_capability():
         with pytest.raises(ConfigError) as err:
             check_zero_stage(stage[3], step)
         assert (step.backward_in_forward or "checkpoints cover ZeRO stages 0-2") in str(err.value)
+
+
+def test_parameter_gradients_come_back_in_their_parameters_layout():
+    """param_grads hands dense gradients over even where autograd's own convolution double backward returns a
+    transposed one (else the engine's sum with the cross-entropy gradient runs a slow strided kernel)."""
+    from guardx.objectives._common import inject, param_grads
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.double, requires_grad=True)
+    (gx,) = torch.autograd.grad(torch.tanh(conv(x)).pow(2).sum(), x, create_graph=True)
+    reg = gx.pow(2).sum()
+    (raw,) = torch.autograd.grad(reg, conv.weight, retain_graph=True)
+    assert raw.stride() != conv.weight.stride()  # what autograd hands back (the case this guards)
+    grads = param_grads(reg, [conv.weight, conv.bias])
+    assert grads[0].stride() == conv.weight.stride() and torch.equal(grads[0], raw)
+    # _Inject scales them in place by the incoming factor and hands them to .grad
+    (0.5 * inject([conv.weight, conv.bias], grads)).backward()
+    torch.testing.assert_close(conv.weight.grad, 0.5 * raw)
+    assert conv.weight.grad.stride() == conv.weight.stride()

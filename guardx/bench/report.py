@@ -12,6 +12,10 @@ from guardx.bench.methods import PAPER_TABLE4
 from guardx.errors import GuardxError
 from guardx.utils.io import write_text
 
+# The README calls a guardx method "below its FLOP ratio" only under this fraction of it: CPU medians move by a
+# few per cent between runs, and a ratio 2 % under its FLOP ratio is not evidence of skipped work.
+BELOW_FLOPS = 0.95
+
 START, END = "<!-- measured-results:start -->", "<!-- measured-results:end -->"
 
 # ResNet-18 forward at 224 px: 1.82 G multiply-adds = 3.6 GFLOP per image. A lossdiff step is 3 forwards +
@@ -50,13 +54,14 @@ def _overhead_block(run: dict) -> list[str]:
         fmt = lambda ts: "; ".join(f"{t['target']}: {t['measured']:.2f}×" for t in ts)  # noqa: E731
         lines += ["", f"Targets that hold in this run — {fmt(held) or 'none'}."
                       + (f" Not met — {fmt(missed)}." if missed else "")]
-    below = [m for m in methods.values()
-             if m["kind"] == "guardx" and "time_x_plain" in m and m["time_x_plain"] < m["flops_x_plain"]]
+    # a ratio counts as below its FLOP ratio only past this run's noise (5 %), not on a rounding
+    below = [m for m in methods.values() if m["kind"] == "guardx" and "time_x_plain" in m
+             and m["time_x_plain"] < BELOW_FLOPS * m["flops_x_plain"]]
     if below:
         lines += ["", "Below their FLOP ratios: " + "; ".join(
             f"{m['label']} {m['time_x_plain']:.2f}× against {m['flops_x_plain']:.2f}× the FLOPs"
             for m in below) + ". The FLOP count sees convolutions and matrix multiplies only: a plain step "
-            "also runs train-mode BatchNorm, which GUARD's running-statistics passes fold into the convolutions "
+            "also runs train-mode BatchNorm, which the running-statistics passes fold into the convolutions "
             "(`guardx/objectives/_fold.py`), so those passes cost less per FLOP than a plain step."]
     ok = [m for m in methods.values() if "time_per_flop_ratio" in m and m["kind"] != "ablation"
           and m is not methods.get("plain")]
@@ -79,10 +84,16 @@ def _overhead_block(run: dict) -> list[str]:
 
 
 def _ab_savings(methods: dict, suffix: str, names) -> list[str]:
-    """"N % of a <method> step" for each method timed beside its A/B row ``<name><suffix>`` (medians)."""
-    return [f"{100 * (1 - methods[n]['stats']['median'] / methods[n + suffix]['stats']['median']):.0f} % "
-            f"of a {methods[n]['label'].split(' (')[0]} step" for n in names
-            if n in methods and n + suffix in methods and "stats" in methods[n] and "stats" in methods[n + suffix]]
+    """"N % of a <method> step" for each method timed beside its A/B row ``<name><suffix>`` (medians; a
+    negative N is a cost, and printed so)."""
+    out = []
+    for n in names:
+        if n in methods and n + suffix in methods and "stats" in methods[n] and "stats" in methods[n + suffix]:
+            saved = 1 - methods[n]["stats"]["median"] / methods[n + suffix]["stats"]["median"]
+            what = f"{methods[n]['label'].split(' (')[0]} step"
+            out.append(f"{100 * saved:.0f} % of a {what}" if saved >= 0
+                       else f"nothing (a {what} took {100 * -saved:.0f} % longer)")
+    return out
 
 
 def _cost_model(run: dict) -> str:
