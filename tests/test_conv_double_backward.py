@@ -102,3 +102,25 @@ def test_unsupported_convolutions_run_their_own_forward():
     y = _conv.conv2d(conv, x, conv.weight, conv.bias)
     assert y.grad_fn is not None and "_Conv" not in type(y.grad_fn).__name__
     torch.testing.assert_close(y, conv(x))
+
+
+def test_autocast_lowers_precision_as_it_does_for_conv2d():
+    """Under autocast the convolution runs in the autocast dtype like ``F.conv2d`` (autocast does not reach aten
+    calls inside an autograd Function on its own); gradients agree with autograd's to bf16 rounding."""
+    conv, x, head = _setup(GEOMETRIES[1])
+    conv, x, head = conv.float(), x.float(), head.float()
+    params = list(conv.parameters())
+    results = []
+    for fn in (_reference, _conv.conv2d):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, gx, reg = _input_gradient_loss(fn, conv, x, head)
+        results.append((y, gx, torch.autograd.grad(reg, params)))
+    (y_ref, gx_ref, g_ref), (y, gx, g) = results
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx.float(), gx_ref.float(), rtol=2e-2, atol=2e-2 * gx_ref.abs().max().item())
+    for a, b in zip(g, g_ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 stays float64, as autocast leaves it
+        assert _conv.conv2d(conv.double(), x.double(), conv.weight, conv.bias).dtype == torch.float64

@@ -107,6 +107,10 @@ def test_direction_is_the_same_and_batchnorm_does_not_run(name, res, pairs):
     torch.testing.assert_close(g_fold, g_plain, rtol=1e-9, atol=1e-12 * g_plain.abs().max().item())
     assert m.training and all(mod.training for mod in m.modules())  # modes restored, forwards unpatched
     assert not any("forward" in vars(mod) for mod in m.modules())
+    m.net.eval()
+    with _fold.folded_batchnorm(m.net, double_backprop=True) as folded:  # every conv patched, pairs counted
+        assert folded == pairs and all("forward" in vars(c) for c in m.net.modules() if isinstance(c, nn.Conv2d))
+    assert not any("forward" in vars(mod) for mod in m.modules())
 
 
 def test_size_rule_keeps_batchnorm_where_the_weight_outweighs_the_feature_map():

@@ -51,8 +51,17 @@ def conv2d(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """``conv``'s forward with ``weight`` and ``bias`` (e.g. BatchNorm-folded ones), double backward written out."""
     if not supported(conv):
         return conv._conv_forward(x, weight, bias)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # autocast casts F.conv2d's inputs, not aten calls inside a Function
+        dtype = torch.get_autocast_dtype(device)
+        x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
     geometry = _Geometry(list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
     return _Conv.apply(x, weight, bias, geometry)
+
+
+def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """What autocast does to a convolution's input: lower-precision for float tensors other than float64."""
+    return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 class _Conv(torch.autograd.Function):

@@ -76,23 +76,23 @@ def folded_batchnorm(model: nn.Module, *, fold: bool = True, double_backprop: bo
     :class:`_FoldedConv`). Yields the number of pairs taken over. Call it with the model already in
     running-statistics mode (see ``running_stats_mode``).
 
-    ``double_backprop``: every plain convolution inside (folded or not) runs with its double backward written
-    out (:mod:`guardx.objectives._conv`, whose contract the double-backprop objectives keep)."""
+    ``double_backprop``: every zero-padded convolution inside (folded or not) runs with its double backward
+    written out (:mod:`guardx.objectives._conv`, whose contract the double-backprop objectives keep)."""
     patched = []
     pairs = conv_bn_pairs(model) if fold else []
     for conv, bn in pairs:
         if bn.training or bn.running_mean is None or "forward" in vars(conv) or "forward" in vars(bn):
             continue  # batch statistics, or already patched by an enclosing context
         conv.forward, bn.forward = _FoldedConv(conv, bn, double_backprop), _identity
-        patched.append(conv)
-        patched.append(bn)
+        patched += [conv, bn]
+    folded = len(patched) // 2
     if double_backprop and _DOUBLE_BACKWARD[0]:
         for conv in model.modules():
             if conv_supported(conv) and "forward" not in vars(conv):
                 conv.forward = _WrittenOutConv(conv)
                 patched.append(conv)
     try:
-        yield len(patched)
+        yield folded
     finally:
         for module in patched:
             del module.forward
