@@ -7,7 +7,9 @@ convolution over batch-transposed copies of the activations: extra copies, a con
 kernels run slowly (3× on ResNet-18's 3-channel stem), and a result with transposed strides that every later
 sum with an ordinary weight gradient pays for (a strided add is ~20× a dense one on CPU). Here each piece is
 the kernel made for it: ``gy``'s part is the forward convolution ``conv(ggx, W)``, ``W``'s part is the
-ordinary weight-gradient kernel ``convolution_backward(gy, ggx)`` — the same FLOPs, dense results.
+ordinary weight-gradient kernel ``convolution_backward(gy, ggx)``: the same maths, 1.7 % fewer counted FLOPs
+on a ResNet-18 exact step, dense results. On CPU it saves 0–2 % of that step (paired A/Bs in
+benchmarks/README.md); the `guard_exact_autograd` row of ``guardx bench overhead`` measures it.
 
 Contract inside a pass built with :func:`conv2d` (the regulariser's own blocks keep it):
 
@@ -16,7 +18,8 @@ Contract inside a pass built with :func:`conv2d` (the regulariser's own blocks k
   gradient of the pass's leaf input.
 
 A request outside it fails loudly (the tensor "appears to not have been used in the graph"), never silently.
-``tests/test_objectives.py`` checks every first- and second-order gradient against autograd's own formula.
+``tests/test_conv_double_backward.py`` and ``tests/test_fold.py`` check every first- and second-order gradient
+against autograd's own formula in fp64.
 The pure-PyTorch reference is the module's own forward (``conv._conv_forward``), used whenever the convolution
 is not a plain zero-padded one.
 """
