@@ -105,10 +105,10 @@ class OfficialAdv:
         return ce, stats_dict(ce=ce, loss=ce)
 
 
-class Unfolded:
-    """A/B: ``objective`` with BatchNorm run as BatchNorm in its running-statistics passes."""
+class _SwitchedOff:
+    """A/B: ``objective`` with one of guardx's optimisations switched off (``switch(False)``) inside."""
 
-    note = "BatchNorm not folded"
+    note = ""
 
     def __init__(self, objective):
         self.objective = objective
@@ -121,18 +121,24 @@ class Unfolded:
             raise AttributeError(name)
         return getattr(self.objective, name)
 
-    def switched_off(self):
-        return bn_folding(False)
+    @staticmethod
+    def switch(enabled: bool):
+        raise NotImplementedError
 
     def __call__(self, model, x, y):
-        with self.switched_off():
+        with self.switch(False):
             return self.objective(model, x, y)
 
 
-class AutogradDoubleBackward(Unfolded):
+class Unfolded(_SwitchedOff):
+    """A/B: ``objective`` with BatchNorm run as BatchNorm in its running-statistics passes."""
+
+    note = "BatchNorm not folded"
+    switch = staticmethod(bn_folding)
+
+
+class AutogradDoubleBackward(_SwitchedOff):
     """A/B: ``objective`` with autograd's own convolution double backward (guardx/objectives/_conv.py off)."""
 
     note = "autograd's convolution double backward"
-
-    def switched_off(self):
-        return written_out_double_backward(False)
+    switch = staticmethod(written_out_double_backward)

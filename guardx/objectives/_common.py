@@ -41,7 +41,8 @@ def running_stats_mode(model: nn.Module, fold: bool | None = None, double_backpr
             m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
     model.eval()
     try:
-        with folded_batchnorm(model, fold=folding_enabled() if fold is None else fold, double_backprop=double_backprop):
+        fold = folding_enabled() if fold is None else fold
+        with folded_batchnorm(model, fold=fold, double_backprop=double_backprop):
             yield
     finally:
         for m, was_training in flags:

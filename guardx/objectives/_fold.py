@@ -45,28 +45,27 @@ _DOUBLE_BACKWARD = [True]
 
 
 @contextmanager
-def bn_folding(enabled: bool) -> Iterator[None]:
-    """Switch folding on or off for the running-statistics passes inside (A/B tests and benchmarks)."""
-    previous, _ENABLED[0] = _ENABLED[0], enabled
+def _switched(flag: list, enabled: bool) -> Iterator[None]:
+    previous, flag[0] = flag[0], enabled
     try:
         yield
     finally:
-        _ENABLED[0] = previous
+        flag[0] = previous
+
+
+def bn_folding(enabled: bool):
+    """Switch folding on or off for the running-statistics passes inside (A/B tests and benchmarks)."""
+    return _switched(_ENABLED, enabled)
 
 
 def folding_enabled() -> bool:
     return _ENABLED[0]
 
 
-@contextmanager
-def written_out_double_backward(enabled: bool) -> Iterator[None]:
+def written_out_double_backward(enabled: bool):
     """Switch :mod:`guardx.objectives._conv`'s convolution on or off for the double-backprop passes inside
     (A/B tests and benchmarks; off = autograd's own double backward)."""
-    previous, _DOUBLE_BACKWARD[0] = _DOUBLE_BACKWARD[0], enabled
-    try:
-        yield
-    finally:
-        _DOUBLE_BACKWARD[0] = previous
+    return _switched(_DOUBLE_BACKWARD, enabled)
 
 
 @contextmanager
@@ -79,14 +78,14 @@ def folded_batchnorm(model: nn.Module, *, fold: bool = True, double_backprop: bo
     ``double_backprop``: every zero-padded convolution inside (folded or not) runs with its double backward
     written out (:mod:`guardx.objectives._conv`, whose contract the double-backprop objectives keep)."""
     patched = []
-    pairs = conv_bn_pairs(model) if fold else []
-    for conv, bn in pairs:
+    written_out = double_backprop and _DOUBLE_BACKWARD[0]
+    for conv, bn in conv_bn_pairs(model) if fold else []:
         if bn.training or bn.running_mean is None or "forward" in vars(conv) or "forward" in vars(bn):
             continue  # batch statistics, or already patched by an enclosing context
-        conv.forward, bn.forward = _FoldedConv(conv, bn, double_backprop), _identity
+        conv.forward, bn.forward = _FoldedConv(conv, bn, written_out), _identity
         patched += [conv, bn]
     folded = len(patched) // 2
-    if double_backprop and _DOUBLE_BACKWARD[0]:
+    if written_out:
         for conv in model.modules():
             if conv_supported(conv) and "forward" not in vars(conv):
                 conv.forward = _WrittenOutConv(conv)
@@ -112,9 +111,8 @@ class _FoldedConv:
     stages at low resolution, where the weights are large and the feature maps tiny; same function either way.
     """
 
-    def __init__(self, conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm, double_backprop: bool = False):
+    def __init__(self, conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm, written_out: bool = False):
         self.conv, self.bn, self.cache, self.fold = conv, bn, {}, None
-        written_out = double_backprop and _DOUBLE_BACKWARD[0]
         self.conv_forward = functools.partial(written_out_conv, conv) if written_out else conv._conv_forward
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
